@@ -1,0 +1,232 @@
+"""The typed config tree: defaults in the classes, YAML for what differs, dotted overrides on the CLI.
+
+    cfg = load("configs/digits_gn.yaml", ["optim.base_lr=0.2", "data.batch_size=16"])
+
+Every section forbids unknown keys and checks types and ranges, so a typo such as
+`optim.lr=0.1` (the key is `base_lr`) is an error that names the key path, before any process
+starts. Cross-field checks (GN groups must divide every norm's channels, schedule milestones must
+fall inside the run) live in `Config._check`. The resolved tree is saved with every run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+class Section(BaseModel):
+    # extra="forbid": an unknown key is an error, never silently ignored.
+    # coerce_numbers_to_str: `run.name=2` is a name, not a type error.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, coerce_numbers_to_str=True)
+
+
+class RunCfg(Section):
+    name: str = "run"
+    out_dir: str = "runs"          # the run folder is out_dir/name
+    seed: int = 0
+    deterministic: bool = False    # torch.use_deterministic_algorithms + no cudnn autotune
+    epochs: int = Field(1, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)  # stop after this many optimizer steps (None: all epochs)
+    eval_every: int = Field(1, ge=0)  # validate every this many epochs, and at the end (0: only at the end)
+
+
+class DataCfg(Section):
+    name: Literal["synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet"] = "digits"
+    root: str = "data"
+    batch_size: int = Field(32, gt=0)                 # images per rank per micro-batch
+    eval_batch_size: Optional[int] = Field(None, gt=0)  # None: 2 x batch_size
+    workers: int = Field(0, ge=0)                     # DataLoader worker processes per rank
+    image_size: Optional[int] = Field(None, gt=0)     # None: the dataset's native size (224 for imagenet)
+    augment: bool = True
+    loader: Literal["torch"] = "torch"
+    # synthetic data only
+    synthetic_size: int = Field(1024, gt=0)           # train images (val gets a quarter)
+    synthetic_classes: int = Field(10, gt=1)
+    synthetic_channels: int = Field(3, gt=0)
+
+
+class ModelCfg(Section):
+    arch: Literal["small", "resnet18", "resnet50", "resnet20", "resnet56"] = "small"
+    norm: Literal["bn", "syncbn", "gn", "ln", "in", "none"] = "gn"
+    gn_groups: int = Field(32, gt=0)
+    gn_channels_per_group: Optional[int] = Field(None, gt=0)  # wins over gn_groups when set
+    gn_impl: Literal["native"] = "native"
+    norm_eps: float = Field(1e-5, gt=0)
+    zero_init_last: bool = True    # gamma = 0 in the last norm of each residual block
+    channels_last: bool = False
+    compile: bool = False          # torch.compile the model
+
+
+class OptimCfg(Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    base_lr: float = Field(0.1, gt=0)   # for a global batch of 256 (scaled linearly, see lr_scaling)
+    lr_scaling: Literal["linear", "none"] = "linear"  # linear: lr = base_lr * global_batch / 256
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
+    weight_decay: float = Field(1e-4, ge=0)
+    norm_weight_decay: bool = False     # apply weight decay to norm gammas/betas too
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    accum_steps: int = Field(1, gt=0)   # micro-batches per optimizer step
+    grad_clip: float = Field(0.0, ge=0)  # max global grad norm (0: off)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: tuple[float, ...] = ()  # step schedule: epochs at which lr *= gamma
+    gamma: float = Field(0.1, gt=0)
+    min_lr: float = Field(0.0, ge=0)    # cosine floor, absolute lr
+
+
+class PrecisionCfg(Section):
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype; fp16 adds a GradScaler
+    init_scale: float = Field(2.0**16, gt=0)    # fp16 GradScaler's initial scale
+
+
+class DistCfg(Section):
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    timeout_s: int = Field(1800, gt=0)
+    sync_bn_stats: bool = True       # average BN running stats over ranks before evaluating/saving
+    max_nonfinite: int = Field(5, gt=0)  # abort after this many non-finite losses in a row
+
+
+class CkptCfg(Section):
+    every_steps: int = Field(0, ge=0)   # also save every N optimizer steps (0: only at epoch ends)
+    epoch_end: bool = True
+    keep: int = Field(3, gt=0)          # keep the newest K checkpoints
+    resume: str = "auto"                # auto (latest in the run folder, if any) | never | PATH
+
+
+class LogCfg(Section):
+    every_steps: int = Field(10, gt=0)  # train metrics to metrics.jsonl every N optimizer steps
+    progress: bool = True               # tqdm bar on rank 0
+
+
+class Config(Section):
+    run: RunCfg = RunCfg()
+    data: DataCfg = DataCfg()
+    model: ModelCfg = ModelCfg()
+    optim: OptimCfg = OptimCfg()
+    precision: PrecisionCfg = PrecisionCfg()
+    dist: DistCfg = DistCfg()
+    ckpt: CkptCfg = CkptCfg()
+    log: LogCfg = LogCfg()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        from imnet import models, norm  # late import: config must stay importable on its own
+
+        m = self.model
+        if m.norm in ("gn",):
+            size = self.data.image_size or 224
+            for c in sorted(models.norm_channels(m.arch, size)):
+                try:
+                    norm.num_groups(c, m.gn_groups, m.gn_channels_per_group)
+                except ValueError as e:
+                    key = "model.gn_channels_per_group" if m.gn_channels_per_group else "model.gn_groups"
+                    raise ValueError(f"{key}: {e} (arch {m.arch} has norms with {c} channels)") from None
+        for ms in self.optim.milestones:
+            if not 0 < ms < self.run.epochs:
+                raise ValueError(f"optim.milestones: milestone {ms} is outside the run (0, run.epochs={self.run.epochs})")
+        if list(self.optim.milestones) != sorted(self.optim.milestones):
+            raise ValueError(f"optim.milestones: must be increasing, got {list(self.optim.milestones)}")
+        if self.optim.milestones and self.optim.schedule != "step":
+            raise ValueError("optim.milestones: only used by optim.schedule=step")
+        if self.optim.warmup_epochs >= self.run.epochs:
+            raise ValueError(f"optim.warmup_epochs: {self.optim.warmup_epochs} is not shorter than run.epochs={self.run.epochs}")
+        r = self.ckpt.resume
+        if r not in ("auto", "never") and not os.path.isfile(r):
+            raise ValueError(f"ckpt.resume: {r!r} is neither auto, never nor an existing checkpoint file")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key path."""
+
+
+def _format(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            if path == "<root>":  # cross-field checks carry their own key path
+                lines.append(msg)
+                continue
+        lines.append(f"{prefix}{path}: {msg}")
+    return "; ".join(lines)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["optim.base_lr=0.2", "run.name=x"]` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key.strip() != key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+        _set(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+    except ValueError as e:  # raised outside pydantic's wrapping (should not happen, but name it)
+        raise ConfigError(str(e)) from None
+
+
+def load(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None) -> Config:
+    """Defaults <- `base` (e.g. a checkpoint's config) <- YAML file <- dotted overrides."""
+    tree: dict = dict(base or {})
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: no such file {path!r}")
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
+        tree = _merge(tree, loaded)
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return from_dict(tree)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain builtins (lists, not tuples) for YAML and for `torch.load(weights_only=True)`."""
+    return cfg.model_dump(mode="json")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def add_cli(parser) -> None:
+    parser.add_argument("--config", help="YAML config file (only what differs from the defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. optim.base_lr=0.2")
