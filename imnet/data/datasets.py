@@ -1,0 +1,376 @@
+"""Datasets: one builder per name, all yielding normalized float32 (C, H, W) images and int labels.
+
+    ds, info = build_dataset("cifar10", "data", "train", augment=True)
+    image, label = ds[(index, sample_seed)]   # augmented, bit-identical for the same pair
+    image, label = ds[index]                  # never random
+
+Determinism contract: random augmentation is drawn only from a generator seeded with the
+per-sample seed the sampler hands out, so an image depends on (index, sample_seed) alone, not on
+the process, the worker count or the caller's global RNG (which is left untouched). That is what
+lets the trainer resume mid-epoch exactly.
+
+Small datasets (digits, mnist, fashion, cifar10, svhn) live in memory as one uint8 (N, C, H, W)
+tensor and are augmented as tensors; ImageNet is read from JPEG folders through PIL. Files are
+read with torchvision's dataset classes and download=False: training never downloads; use
+`python -m imnet.download` beforehand.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+
+from imnet.data import transforms as tf
+
+NAMES = ("synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet")
+SPLITS = ("train", "val")
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    in_channels: int
+    image_size: int  # H == W (px) of the tensors the dataset yields
+    mean: tuple[float, ...]  # per-channel normalization applied, 0-1 pixel scale
+    std: tuple[float, ...]
+
+
+# Per-channel statistics of each train split on the 0-1 scale (the usual published values;
+# CIFAR-10 std is the per-pixel one, not the often-copied 0.2023/0.1994/0.2010).
+_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    # Computed once from the 1437-image train split after the 8 -> 32 px bilinear upsampling below.
+    "digits": ((0.3059,), (0.3240,)),
+}
+
+# Horizontal flip only where the classes are mirror-symmetric: digits and clothes-with-text are not
+# (a flipped 2 or 7 is not a digit), CIFAR-10 objects are.
+_FLIP = {"digits": False, "mnist": False, "fashion": False, "svhn": False, "cifar10": True}
+
+# Name the user passes to `python -m imnet.download --dataset ...` for each downloadable dataset.
+DOWNLOAD_NAMES = {"mnist": "MNIST", "fashion": "Fashion", "cifar10": "CIFAR10", "svhn": "SVHN"}
+
+_CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+_IDX_FILES = [f"{p}-{k}-idx{d}-ubyte" for p in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
+
+
+def expected_files(name: str, root: str | os.PathLike, split: str = "train") -> list[str]:
+    """The files torchvision reads for `name` under `root` (what `imnet.download` creates)."""
+    root = os.fspath(root)
+    if name in ("mnist", "fashion"):  # torchvision needs all four idx files for either split
+        folder = os.path.join(root, "MNIST" if name == "mnist" else "FashionMNIST", "raw")
+        return [os.path.join(folder, f) for f in _IDX_FILES]
+    if name == "cifar10":  # torchvision checks every batch for either split
+        return [os.path.join(root, "cifar-10-batches-py", f) for f in _CIFAR_FILES]
+    if name == "svhn":  # stored directly under root, one .mat per split
+        return [os.path.join(root, "train_32x32.mat" if split == "train" else "test_32x32.mat")]
+    raise ValueError(f"no file list for dataset {name!r}")
+
+
+# ----------------------------------------------------------------------------------------- keys
+
+
+def _parse_key(key: Any, n: int) -> tuple[int, int | None]:
+    """`i` or `(i, sample_seed)` -> (non-negative index, seed or None); IndexError when out of range."""
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise TypeError(f"dataset key must be an index or (index, sample_seed), got {key!r}")
+        index, seed = key
+        seed = None if seed is None else operator.index(seed)
+    else:
+        index, seed = key, None
+    index = operator.index(index)
+    if not -n <= index < n:
+        raise IndexError(f"index {index} out of range for a dataset of {n} images")
+    return index % n, seed
+
+
+def _mix(*parts: int) -> int:
+    """Hash ints into one 64-bit seed (splitmix64 finalizer): stable across versions and processes."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h
+
+
+# ------------------------------------------------------------------------------------- datasets
+
+
+class TensorImageDataset(Dataset):
+    """uint8 images (N, C, H, W) in memory; optional random crop (zero pad) + flip per sample seed.
+
+    `images`, `targets`, `mean`, `std`, `pad` and `flip` are public so a GPU-resident loader can
+    apply the same recipe on the device.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: Sequence[float],
+                 std: Sequence[float], *, augment: bool, flip: bool):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise TypeError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} labels")
+        self.images = images.contiguous()
+        self.targets = torch.as_tensor(targets, dtype=torch.int64)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        self.augment = augment
+        self.pad = tf.crop_pad(images.shape[-1])  # px of zero padding for the random crop
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
+        index, seed = _parse_key(key, len(self))
+        img = self.images[index]
+        if self.augment and seed is not None:
+            img = tf.random_crop_flip(img, tf.generator(seed), self.pad, self.flip)
+        return tf.normalize_uint8(img, self._mean, self._std), int(self.targets[index])
+
+
+class SyntheticDataset(Dataset):
+    """Gaussian noise plus a class-dependent pattern: learnable, yet free of any file.
+
+    Image i of a split is drawn from a generator seeded by (seed, split, i), so it is the same in
+    every process without being stored. Each class has a smooth random pattern (4x4 px upsampled)
+    shared by train and val, so what a model learns on train transfers to val. Pixel values are
+    already ~zero-mean/unit-scale (mean 0, std 1 reported): signal amplitude 1, noise std 1.
+    """
+
+    def __init__(self, size: int, num_classes: int, channels: int, image_size: int, split: str,
+                 seed: int, *, augment: bool):
+        if size < 1 or num_classes < 1 or channels < 1 or image_size < 1:
+            raise ValueError(f"synthetic size, classes, channels and image_size must be >= 1, got "
+                             f"{size}, {num_classes}, {channels}, {image_size}")
+        self.image_size, self.augment = image_size, augment
+        self._base = _mix(seed, SPLITS.index(split))
+        labels_gen = tf.generator(_mix(self._base, 1 << 40))  # one draw for the whole split's labels
+        self.targets = torch.randint(0, num_classes, (size,), generator=labels_gen)
+        pattern_gen = tf.generator(_mix(seed, 1 << 41))  # split-independent: shared by train and val
+        self.patterns = torch.randn(num_classes, channels, 4, 4, generator=pattern_gen)
+        self.pad = tf.crop_pad(image_size)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
+        index, seed = _parse_key(key, len(self))
+        label = int(self.targets[index])
+        c = self.patterns.shape[1]
+        noise = torch.randn(c, self.image_size, self.image_size, generator=tf.generator(_mix(self._base, index)))
+        pattern = torch.nn.functional.interpolate(self.patterns[label : label + 1], size=noise.shape[-2:],
+                                                  mode="bilinear", align_corners=False)[0]
+        img = pattern + noise
+        if self.augment and seed is not None:  # crop jitter only: flipping would blur the class pattern
+            img = tf.random_crop_flip(img, tf.generator(seed), self.pad, flip=False)
+        return img, label
+
+
+class ImageFolderDataset(Dataset):
+    """`root/<wnid>/*.JPEG` through torchvision's ImageFolder; PIL transforms under a seeded RNG."""
+
+    def __init__(self, folder: tvd.ImageFolder, size: int, *, augment: bool):
+        self.folder, self.augment = folder, augment
+        self.classes = folder.classes
+        self.targets = torch.as_tensor(folder.targets, dtype=torch.int64)
+        self.train_transform = tf.imagenet_transform(size, train=True)
+        self.eval_transform = tf.imagenet_transform(size, train=False)  # also for unseeded keys
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
+        index, seed = _parse_key(key, len(self))
+        path, label = self.folder.samples[index]
+        img = self.folder.loader(path)
+        if self.augment and seed is not None:
+            with tf.seeded_global_rng(seed):  # torchvision's random transforms use the global RNG
+                return self.train_transform(img), int(label)
+        return self.eval_transform(img), int(label)
+
+
+# ---------------------------------------------------------------------------- torchvision readers
+
+
+class _CIFAR10(tvd.CIFAR10):
+    """CIFAR-10 that only requires the files to exist (md5 sums cannot match small test files)."""
+
+    def _check_integrity(self) -> bool:
+        return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in _CIFAR_FILES)
+
+    def _load_meta(self) -> None:
+        import pickle
+
+        with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as fh:
+            self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class _SVHN(tvd.SVHN):
+    """SVHN that only requires the split's .mat file to exist (no md5 check)."""
+
+    def _check_integrity(self) -> bool:
+        return os.path.isfile(os.path.join(self.root, self.filename))
+
+
+def _read(name: str, root: str, split: str, read: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Run a torchvision reader; missing files -> FileNotFoundError with paths and a download hint."""
+    missing = [p for p in expected_files(name, root, split) if not os.path.isfile(p)]
+    hint = f"python -m imnet.download --dataset {DOWNLOAD_NAMES[name]} --root {root}"
+    try:
+        return read()
+    except Exception as e:
+        if missing:  # torchvision's RuntimeError("Dataset not found...") or a failed open
+            raise FileNotFoundError(
+                f"dataset {name!r} ({split}) not found: missing {', '.join(missing)}. "
+                f"To download it (needs internet), run: {hint}") from None
+        raise RuntimeError(f"dataset {name!r} ({split}) under {root} could not be read, the files may be "
+                           f"corrupt or partially downloaded: {e}. Delete them and re-download with: {hint}") from e
+
+
+def _in_memory(name: str, images: torch.Tensor, targets: Any, req: _Request, num_classes: int,
+               native: int) -> tuple[Dataset, DatasetInfo]:
+    size = req.image_size or native
+    images = tf.resize_uint8(images, size)  # no-op at the native size
+    mean, std = _STATS[name]
+    ds = TensorImageDataset(images, torch.as_tensor(targets), mean, std, augment=req.augment, flip=_FLIP[name])
+    return ds, DatasetInfo(num_classes, images.shape[1], size, mean, std)
+
+
+# --------------------------------------------------------------------------------------- builders
+
+
+@dataclass(frozen=True)
+class _Request:
+    root: str
+    split: str
+    augment: bool
+    image_size: int | None
+    synthetic_size: int
+    synthetic_classes: int
+    synthetic_channels: int
+    seed: int
+
+
+def _build_synthetic(req: _Request) -> tuple[Dataset, DatasetInfo]:
+    size, c = req.image_size or 32, req.synthetic_channels
+    ds = SyntheticDataset(req.synthetic_size, req.synthetic_classes, c, size, req.split, req.seed,
+                          augment=req.augment)
+    return ds, DatasetInfo(req.synthetic_classes, c, size, (0.0,) * c, (1.0,) * c)
+
+
+_DIGITS_TRAIN = 1437  # of 1797; the remaining 360 are val
+_DIGITS_SALT = 0x5EED_D161  # fixes the split forever; independent of the run seed
+
+
+def _build_digits(req: _Request) -> tuple[Dataset, DatasetInfo]:
+    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+
+    digits = load_digits()
+    # A fixed pseudo-random permutation from a hash (not an RNG whose stream could change between
+    # library versions), each part kept in the original order.
+    order = sorted(range(len(digits.target)), key=lambda i: _mix(_DIGITS_SALT, i))
+    part = order[:_DIGITS_TRAIN] if req.split == "train" else order[_DIGITS_TRAIN:]
+    idx = torch.tensor(sorted(part))
+    # 0..16 ink levels -> 0..255 uint8, one channel, 8x8 px; _in_memory upsamples to 32 px (native).
+    images = (torch.from_numpy(digits.images).float() * (255 / 16)).round().to(torch.uint8)[idx, None]
+    return _in_memory("digits", images, torch.from_numpy(digits.target)[idx], req, 10, 32)
+
+
+def _build_mnist_like(name: str, cls: type) -> Callable[[_Request], tuple[Dataset, DatasetInfo]]:
+    def build(req: _Request) -> tuple[Dataset, DatasetInfo]:
+        ds = _read(name, req.root, req.split,
+                   lambda: cls(req.root, train=req.split == "train", download=False))
+        return _in_memory(name, ds.data[:, None].contiguous(), ds.targets, req, 10, 28)
+
+    return build
+
+
+def _build_cifar10(req: _Request) -> tuple[Dataset, DatasetInfo]:
+    ds = _read("cifar10", req.root, req.split, lambda: _CIFAR10(req.root, train=req.split == "train"))
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC numpy -> NCHW
+    return _in_memory("cifar10", images, ds.targets, req, 10, 32)
+
+
+def _build_svhn(req: _Request) -> tuple[Dataset, DatasetInfo]:
+    split = "train" if req.split == "train" else "test"
+    ds = _read("svhn", req.root, req.split, lambda: _SVHN(req.root, split=split))
+    images = torch.from_numpy(ds.data).contiguous()  # torchvision already made it (N, C, H, W)
+    return _in_memory("svhn", images, torch.from_numpy(ds.labels), req, 10, 32)  # label 10 -> 0 done
+
+
+IMAGENET_HELP = (
+    "Expected layout: {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG, one folder per class "
+    "with the same class folders in both (the ILSVRC2012 val images must be sorted into class folders, "
+    "e.g. with the valprep.sh script). ImageNet cannot be downloaded automatically: request access and "
+    "download ILSVRC2012 from https://image-net.org, then extract it into this layout.")
+
+
+def _build_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
+    size = req.image_size or 224
+    folder = os.path.join(req.root, req.split)
+    help_ = IMAGENET_HELP.format(root=req.root)
+    try:
+        data = tvd.ImageFolder(folder)
+    except FileNotFoundError as e:  # missing folder, no class folders, or no images
+        raise FileNotFoundError(f"dataset 'imagenet' ({req.split}) not found at {folder}: {e}. {help_}") from None
+    other = os.path.join(req.root, "val" if req.split == "train" else "train")
+    if os.path.isdir(other):  # label i must mean the same class in train and val
+        other_classes, _ = tvd.folder.find_classes(other)
+        if other_classes != data.classes:
+            only_here = sorted(set(data.classes) - set(other_classes))[:5]
+            only_there = sorted(set(other_classes) - set(data.classes))[:5]
+            raise ValueError(f"imagenet class folders differ between {folder} ({len(data.classes)} classes) and "
+                             f"{other} ({len(other_classes)} classes): only in the first {only_here}, "
+                             f"only in the second {only_there}. {help_}")
+    ds = ImageFolderDataset(data, size, augment=req.augment)
+    return ds, DatasetInfo(len(data.classes), 3, size, tf.IMAGENET_MEAN, tf.IMAGENET_STD)
+
+
+_BUILDERS: dict[str, Callable[[_Request], tuple[Dataset, DatasetInfo]]] = {
+    "synthetic": _build_synthetic,
+    "digits": _build_digits,
+    "mnist": _build_mnist_like("mnist", tvd.MNIST),
+    "fashion": _build_mnist_like("fashion", tvd.FashionMNIST),
+    "cifar10": _build_cifar10,
+    "svhn": _build_svhn,
+    "imagenet": _build_imagenet,
+}
+assert tuple(_BUILDERS) == NAMES
+
+
+def build_dataset(name: str, root: str, split: str, *, augment: bool, image_size: int | None = None,
+                  synthetic_size: int = 1024, synthetic_classes: int = 10, synthetic_channels: int = 3,
+                  seed: int = 0) -> tuple[Dataset, DatasetInfo]:
+    """Build one split of a dataset; see the module docstring for the key and determinism contract.
+
+    name: one of NAMES. root: data folder (unused by synthetic and digits). split: "train" or "val".
+    augment: training augmentation, applied only to `(index, sample_seed)` keys. image_size: output
+    side in px (resize once at load for in-memory sets, crop size for imagenet); None = native.
+    synthetic_*: size (images), classes and channels of the synthetic set. seed: synthetic data
+    seed (digits' split is fixed and ignores it).
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    req = _Request(os.fspath(root), split, augment, image_size, synthetic_size, synthetic_classes,
+                   synthetic_channels, seed)
+    return _BUILDERS[name](req)
