@@ -1,0 +1,117 @@
+"""Data: datasets (imnet.data.datasets) behind one sharded, resumable loader.
+
+Every loader yields `(images, labels)` already on the device, in the memory format the model wants,
+labels int64, so the training loop never knows which dataset it has.
+
+Determinism: the train sampler draws the permutation and one augmentation seed per sample from a
+generator seeded with (seed, epoch). A sample's augmentation depends only on that seed, never on
+which worker process made it, so a run resumed mid-epoch sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from imnet.data.datasets import DatasetInfo, build_dataset
+
+
+class TrainSampler(Sampler):
+    """Shuffled, sharded, equal-length per rank, resumable at any batch.
+
+    Each epoch the global permutation is cut to a multiple of world * batch (the tail changes every
+    epoch, so no image is dropped for good), and rank r takes every world-th index from r on. Yields
+    `(index, sample_seed)` pairs.
+    """
+
+    def __init__(self, n: int, rank: int, world: int, batch: int, seed: int):
+        self.n, self.rank, self.world, self.batch, self.seed = n, rank, world, batch, seed
+        self.batches = n // (world * batch)  # per rank, per epoch
+        if self.batches == 0:
+            raise ValueError(f"data.batch_size: {batch} x {world} ranks is more than the {n} training images")
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches - self.start) * self.batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        used = self.batches * self.batch * self.world
+        mine = torch.arange(self.rank, used, self.world)[self.start * self.batch:]
+        return iter(zip(perm[mine].tolist(), seeds[mine].tolist()))
+
+
+class ValSampler(Sampler):
+    """Rank r gets indices r, r+world, ...: every image exactly once over all ranks, no padding."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = list(range(rank, n, world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+class DeviceLoader:
+    """Moves each batch to the device (and channels-last) as it leaves the DataLoader."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, channels_last: bool):
+        self.loader, self.device = loader, device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.sampler = loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        nb = self.device.type == "cuda"
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=nb).contiguous(memory_format=self.memory_format)
+            yield x, y.to(self.device, dtype=torch.int64, non_blocking=nb)
+
+
+@dataclass
+class Data:
+    train: DeviceLoader
+    val: DeviceLoader
+    info: DatasetInfo
+    steps_per_epoch: int   # optimizer steps (micro-batches // accum_steps)
+    n_val: int
+
+
+def _loader(ds, sampler, batch, cfg, device, drop_last) -> DataLoader:
+    workers = cfg.workers
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def build(cfg, dist, *, train: bool = True) -> Data:
+    """Train and val loaders for `cfg` (the whole Config) on this rank."""
+    d = cfg.data
+    kw = dict(image_size=d.image_size, synthetic_classes=d.synthetic_classes,
+              synthetic_channels=d.synthetic_channels, seed=cfg.run.seed)
+    val_ds, info = build_dataset(d.name, d.root, "val", augment=False, synthetic_size=max(1, d.synthetic_size // 4), **kw)
+    cl = cfg.model.channels_last
+    val = DeviceLoader(_loader(val_ds, ValSampler(len(val_ds), dist.rank, dist.world),
+                               d.eval_batch_size or 2 * d.batch_size, d, dist.device, False), dist.device, cl)
+    tr: Optional[DeviceLoader] = None
+    steps = 0
+    if train:
+        train_ds, _ = build_dataset(d.name, d.root, "train", augment=d.augment, synthetic_size=d.synthetic_size, **kw)
+        sampler = TrainSampler(len(train_ds), dist.rank, dist.world, d.batch_size, cfg.run.seed)
+        steps = sampler.batches // cfg.optim.accum_steps
+        if steps == 0:
+            raise ValueError(f"optim.accum_steps: {cfg.optim.accum_steps} micro-batches is more than an epoch "
+                             f"({sampler.batches} per rank)")
+        tr = DeviceLoader(_loader(train_ds, sampler, d.batch_size, d, dist.device, True), dist.device, cl)
+    return Data(tr, val, info, steps, len(val_ds))

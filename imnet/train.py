@@ -1,0 +1,192 @@
+"""Train a model: `torchrun --nproc_per_node N imnet/train.py --config FILE [key.sub=value ...]`
+(or `python -m imnet.train ...` for one process). The whole loop is `fit` below.
+
+Kill it at any moment and run the same command again: it resumes from the newest complete
+checkpoint, mid-epoch, on the same trajectory (ckpt.resume=auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+
+import torch
+
+from imnet import checkpoint, config, dist, engine, models, schedule
+from imnet import data as data_mod
+from imnet.evaluate import evaluate, norm_kwargs
+from imnet.log import Logger
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 / SIGUSR2 only set a flag; the loop all-reduces it, so every rank stops after
+    the same step, and the checkpoint is written by the loop, never inside the handler."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):
+        self.requested = True
+
+
+def seed_all(seed: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # same on every rank: identical initial weights
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def lock_run_dir(run_dir: str, is_main: bool):
+    """Two runs writing one run folder would corrupt each other's checkpoints: rank 0 holds an
+    flock on `run_dir/.lock` (the kernel drops it when the process dies, even by SIGKILL)."""
+    import fcntl
+
+    err, fh = None, None
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        fh = open(os.path.join(run_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            err = f"run folder {run_dir} is in use by another run (choose another run.name, or stop that run)"
+    err = dist.broadcast_object(err)
+    if err:
+        raise RuntimeError(err)
+    return fh
+
+
+def fit(cfg: config.Config, d: dist.Dist) -> dict:
+    run_dir = os.path.join(cfg.run.out_dir, cfg.run.name)
+    lock = lock_run_dir(run_dir, d.is_main)  # noqa: F841 - held until the process exits
+    seed_all(cfg.run.seed, cfg.run.deterministic)
+    data = data_mod.build(cfg, d)
+    model = models.build(cfg.model.arch, num_classes=data.info.num_classes, in_channels=data.info.in_channels,
+                         image_size=data.info.image_size, norm=cfg.model.norm, norm_kwargs=norm_kwargs(cfg),
+                         zero_init_last=cfg.model.zero_init_last)
+    eng = engine.build(cfg, model, d)
+    ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.ckpt.keep, d.is_main)
+
+    accum = cfg.optim.accum_steps
+    spe = data.steps_per_epoch                      # optimizer steps per epoch
+    total = spe * cfg.run.epochs if cfg.run.max_steps is None else min(cfg.run.max_steps, spe * cfg.run.epochs)
+    global_batch = cfg.data.batch_size * d.world * accum
+    peak = schedule.peak_lr(cfg.optim.base_lr, global_batch, cfg.optim.lr_scaling)
+    o = cfg.optim
+    lr_at = lambda s: schedule.get_lr(s, peak=peak, steps_per_epoch=spe, total_steps=total, schedule=o.schedule,  # noqa: E731
+                                      warmup_epochs=o.warmup_epochs, milestones=o.milestones, gamma=o.gamma, min_lr=o.min_lr)
+
+    step = epoch = pos = bad_in_row = 0             # pos: optimizer steps done in this epoch
+    resume_path = ckpt.find_resume(cfg.ckpt.resume)
+    if resume_path:
+        state = checkpoint.load(resume_path)
+        eng.load_state_dict(state)
+        step, epoch, pos, bad_in_row = state["step"], state["epoch"], state["pos"], state["bad_in_row"]
+        checkpoint.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
+
+    log = Logger(run_dir, d.is_main, progress=cfg.log.progress, total=total, initial=step)
+    log.write_run_info(config.to_yaml(cfg), {"world": d.world, "launcher": d.launcher, "device": str(d.device),
+                                             "global_batch": global_batch, "peak_lr": peak, "steps": total})
+    if resume_path:
+        log.print(f"resumed from {resume_path} at step {step} (epoch {epoch}, step {pos} of {spe})")
+
+    def save() -> None:
+        dist.average_buffers(eng.module) if cfg.dist.sync_bn_stats else None
+        rngs = dist.all_gather_object(checkpoint.rng_state())
+        ckpt.save({**eng.state_dict(), "step": step, "epoch": epoch, "pos": pos, "bad_in_row": bad_in_row,
+                   "rng": rngs, "config": config.to_dict(cfg)}, step)
+        dist.barrier()
+
+    def validate() -> dict:
+        dist.average_buffers(eng.module) if cfg.dist.sync_bn_stats else None
+        res = evaluate(eng.module, data.val, d.device, cfg.precision.amp)
+        res["step"] = step
+        log.log(split="val", epoch=epoch, **res)
+        log.print(f"epoch {epoch} step {step}: val loss {res['loss']:.4f} top1 {res['top1']:.4f} "
+                  f"top5 {res['top5']:.4f} (n={res['n']})")
+        return res
+
+    stop = StopRequest()
+    result: dict = {}
+    window_imgs, window_t0 = 0, None
+    while step < total:
+        data.train.sampler.set_epoch(epoch, start_batch=pos * accum)
+        batches = iter(data.train)
+        window_t0 = window_t0 or _now(d.device)
+        while pos < spe and step < total:
+            micro = [next(batches) for _ in range(accum)]
+            out = eng.train_step(micro, lr_at(step), stop.requested)
+            step, pos = step + 1, pos + 1
+            bad_in_row = bad_in_row + 1 if out.skipped else 0
+            if bad_in_row >= cfg.dist.max_nonfinite:
+                raise FloatingPointError(f"{bad_in_row} non-finite losses in a row (dist.max_nonfinite="
+                                         f"{cfg.dist.max_nonfinite}) at step {step}: lower optim.base_lr or check the data")
+            window_imgs += out.images
+            if step % cfg.log.every_steps == 0 or out.skipped:
+                t = _now(d.device)
+                ips = window_imgs / max(t - window_t0, 1e-9)
+                log.log(split="train", step=step, epoch=epoch, loss=out.loss, top1=out.top1, lr=lr_at(step - 1),
+                        img_per_s=ips, skipped=out.skipped)
+                log.progress(cfg.log.every_steps, loss=f"{out.loss:.4f}", acc=f"{out.top1:.3f}", img_s=f"{ips:.0f}")
+                window_imgs, window_t0 = 0, t
+            if out.stop:  # a signal: checkpoint at this step boundary and leave, to be resumed
+                save()
+                log.print(f"stopped by signal at step {step}; checkpoint saved")
+                log.close()
+                return {"stopped": True, "step": step}
+            if cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0 and pos < spe and step < total:
+                save()
+        if pos == spe:
+            epoch, pos = epoch + 1, 0
+            if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
+                result = validate()
+            if cfg.ckpt.epoch_end or step == total:
+                save()
+        else:  # stopped by run.max_steps mid-epoch
+            save()
+    if result.get("step") != step:  # no validation yet at the final step
+        result = validate()
+    log.close()
+    return result
+
+
+def _now(device: torch.device) -> float:
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="imnet.train", description="Train a model (see README).")
+    config.add_cli(p)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config.load(a.config, a.overrides)
+    except config.ConfigError as e:
+        p.error(str(e))  # exit 2, before any process group exists
+    d = dist.setup(cfg.dist)
+    result = fit(cfg, d)
+    dist.cleanup()
+    if d.is_main and "top1" in result:
+        print(f"final val top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
+              f"(n={result['n']})", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

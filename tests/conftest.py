@@ -1,0 +1,81 @@
+"""Shared helpers: run the real CLI in subprocesses, multi-process ones inside a loopback-only
+network namespace (torchrun's store listens on every address; here only `lo` exists)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def isolated(cmd: list[str]) -> list[str]:
+    """`cmd` inside a new network namespace whose only interface is loopback."""
+    return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return isolated([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                     "--master_addr", "127.0.0.1", "--master_port", "29511", "-m", *args])
+
+
+def single(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def run(cmd: list[str], timeout: float = 240, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=kw.pop("cwd", ROOT), env=kw.pop("env", child_env()), capture_output=True,
+                       text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-6000:]}")
+    return p
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts workers in new sessions,
+    so killing its process group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    """Overrides for a quick synthetic run in tmp_path."""
+    def make(name: str, *more: str) -> list[str]:
+        return ["data.name=synthetic", "data.synthetic_size=260", "data.image_size=16", "data.batch_size=8",
+                f"run.out_dir={tmp_path}", f"run.name={name}", "log.progress=false", "model.gn_groups=8",
+                *more]
+    return make
