@@ -121,7 +121,7 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
 
     stop = StopRequest()
     result: dict = {}
-    window_imgs, window_t0 = 0, None
+    window_imgs, window_t0, logged_at = 0, None, step
     while step < total:
         data.train.sampler.set_epoch(epoch, start_batch=pos * accum)
         batches = iter(data.train)
@@ -131,17 +131,17 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
             out = eng.train_step(micro, lr_at(step), stop.requested)
             step, pos = step + 1, pos + 1
             bad_in_row = bad_in_row + 1 if out.skipped else 0
-            if bad_in_row >= cfg.dist.max_nonfinite:
-                raise FloatingPointError(f"{bad_in_row} non-finite losses in a row (dist.max_nonfinite="
-                                         f"{cfg.dist.max_nonfinite}) at step {step}: lower optim.base_lr or check the data")
             window_imgs += out.images
             if step % cfg.log.every_steps == 0 or out.skipped:
                 t = _now(d.device)
                 ips = window_imgs / max(t - window_t0, 1e-9)
                 log.log(split="train", step=step, epoch=epoch, loss=out.loss, top1=out.top1, lr=lr_at(step - 1),
                         img_per_s=ips, skipped=out.skipped)
-                log.progress(cfg.log.every_steps, loss=f"{out.loss:.4f}", acc=f"{out.top1:.3f}", img_s=f"{ips:.0f}")
-                window_imgs, window_t0 = 0, t
+                log.progress(step - logged_at, loss=f"{out.loss:.4f}", acc=f"{out.top1:.3f}", img_s=f"{ips:.0f}")
+                window_imgs, window_t0, logged_at = 0, t, step
+            if bad_in_row >= cfg.dist.max_nonfinite:
+                raise FloatingPointError(f"{bad_in_row} non-finite losses in a row (dist.max_nonfinite="
+                                         f"{cfg.dist.max_nonfinite}) at step {step}: lower optim.base_lr or check the data")
             if out.stop:  # a signal: checkpoint at this step boundary and leave, to be resumed
                 save()
                 log.print(f"stopped by signal at step {step}; checkpoint saved")
@@ -180,7 +180,11 @@ def main(argv=None) -> dict:
     except config.ConfigError as e:
         p.error(str(e))  # exit 2, before any process group exists
     d = dist.setup(cfg.dist)
-    result = fit(cfg, d)
+    try:
+        result = fit(cfg, d)
+    except FileNotFoundError as e:  # missing data: the message says where it looked and what to do
+        print(f"imnet.train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     dist.cleanup()
     if d.is_main and "top1" in result:
         print(f"final val top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "

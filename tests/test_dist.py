@@ -29,3 +29,39 @@ def test_detect_single_process_in_a_batch_script():
     # sbatch's batch step has SLURM_PROCID but no srun step: one process, no process group
     assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == ("single", 0, 1, 0)
     assert detect({}) == ("single", 0, 1, 0)
+
+
+def _average_worker(rank, path):
+    import os
+
+    import torch
+    import torch.distributed as tdist
+
+    from imnet import dist, norm
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    tdist.init_process_group("gloo", init_method=f"file://{path}/rdzv", rank=rank, world_size=2)
+    bn = norm.make("bn", 3)
+    bn.running_mean.fill_(float(rank))        # 0 on rank 0, 1 on rank 1
+    bn.running_var.fill_(1.0 + 2 * rank)      # 1 and 3
+    dist.average_buffers(bn)
+    total = dist.all_reduce(torch.tensor([float(rank + 1)]))
+    torch.save({"mean": bn.running_mean, "var": bn.running_var, "n": bn.num_batches_tracked,
+                "sum": total, "gathered": dist.all_gather_object(rank * 10)}, f"{path}/out{rank}.pt")
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_bn_buffers_averaged_over_ranks(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_average_worker, args=(str(tmp_path),), nprocs=2)
+    for r in range(2):
+        out = torch.load(tmp_path / f"out{r}.pt", weights_only=True)
+        assert torch.equal(out["mean"], torch.full((3,), 0.5))
+        assert torch.equal(out["var"], torch.full((3,), 2.0))
+        assert out["n"].item() == 0  # counters are left alone
+        assert out["sum"].item() == 3.0
+        assert out["gathered"] == [0, 10]

@@ -1,0 +1,97 @@
+"""The loop's single-process behaviour, in process: accumulation, clipping, AMP, non-finite steps."""
+
+import math
+
+import pytest
+import torch
+
+from imnet import config, dist, engine, models, train
+from imnet.log import read_metrics
+
+
+def cfg_for(tmp_path, name, *more):
+    return config.load(None, ["data.name=synthetic", "data.synthetic_size=64", "data.image_size=16",
+                              "data.batch_size=8", f"run.out_dir={tmp_path}", f"run.name={name}",
+                              "log.progress=false", "log.every_steps=1", "model.gn_groups=8",
+                              "run.deterministic=true", *more])
+
+
+def fit(cfg):
+    return train.fit(cfg, dist.setup(cfg.dist))
+
+
+def weights(tmp_path, name):
+    from imnet.checkpoint import Checkpointer, load
+
+    return load(Checkpointer(str(tmp_path / name / "checkpoints")).latest())["model"]
+
+
+def test_grad_accumulation_equals_the_big_batch(tmp_path):
+    fit(cfg_for(tmp_path, "acc", "optim.accum_steps=2", "data.batch_size=4", "run.max_steps=3"))
+    fit(cfg_for(tmp_path, "big", "data.batch_size=8", "run.max_steps=3"))
+    a, b = weights(tmp_path, "acc"), weights(tmp_path, "big")
+    assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-5
+
+
+def test_nonfinite_losses_are_skipped_then_abort(tmp_path):
+    cfg = cfg_for(tmp_path, "nan", "optim.base_lr=1e30", "optim.lr_scaling=none", "dist.max_nonfinite=3",
+                  "run.epochs=5", "model.norm=none")
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
+        fit(cfg)
+    rows = [r for r in read_metrics(str(tmp_path / "nan")) if r["split"] == "train"]
+    assert [r["skipped"] for r in rows][-3:] == [True, True, True]
+    assert all(math.isnan(r["loss"]) for r in rows[-3:])
+
+
+def test_skipped_step_leaves_weights_alone():
+    cfg = config.load(None, ["data.name=synthetic", "model.gn_groups=8"])
+    d = dist.setup(cfg.dist)
+    torch.manual_seed(0)
+    eng = engine.build(cfg, models.build("small", num_classes=10, in_channels=3, image_size=16, norm="gn",
+                                         norm_kwargs={"groups": 8}), d)
+    before = {k: v.clone() for k, v in eng.module.state_dict().items()}
+    x = torch.randn(4, 3, 16, 16)
+    x[0, 0, 0, 0] = float("nan")
+    out = eng.train_step([(x, torch.zeros(4, dtype=torch.long))], lr=0.1)
+    assert out.skipped and math.isnan(out.loss)
+    assert all(torch.equal(before[k], v) for k, v in eng.module.state_dict().items())
+    out = eng.train_step([(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))], lr=0.1)
+    assert not out.skipped and math.isfinite(out.loss) and out.images == 4
+
+
+def test_grad_clip_bounds_the_update():
+    cfg = config.load(None, ["optim.grad_clip=0.01", "optim.momentum=0", "optim.weight_decay=0"])
+    d = dist.setup(cfg.dist)
+    torch.manual_seed(0)
+    eng = engine.build(cfg, models.build("small", num_classes=10, in_channels=3, image_size=16, norm="gn",
+                                         norm_kwargs={"groups": 8}), d)
+    before = [p.detach().clone() for p in eng.module.parameters()]
+    eng.train_step([(torch.randn(8, 3, 16, 16) * 10, torch.randint(0, 10, (8,)))], lr=1.0)
+    step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(eng.module.parameters(), before)))
+    assert 0 < step.item() <= 0.01 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path, amp):
+    res = fit(cfg_for(tmp_path, amp, f"precision.amp={amp}", "run.max_steps=4"))
+    rows = [r for r in read_metrics(str(tmp_path / amp)) if r["split"] == "train"]
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
+    assert res["n"] == 16
+
+
+def test_norm_weight_decay_groups():
+    m = models.build("small", num_classes=10, in_channels=3, image_size=16, norm="gn", norm_kwargs={"groups": 8})
+    off = engine.param_groups(m, 1e-4, False)
+    assert [g["weight_decay"] for g in off] == [1e-4, 0.0]
+    assert len(off[1]["params"]) == 8  # 4 GN layers x (gamma, beta)
+    on = engine.param_groups(m, 1e-4, True)
+    assert len(on) == 1 and len(on[0]["params"]) == len(list(m.parameters()))
+
+
+def test_run_folder_lock(tmp_path):
+    fh = train.lock_run_dir(str(tmp_path / "x"), True)
+    with pytest.raises(RuntimeError, match="in use by another run"):
+        # a second holder in another process would be refused: flock is per open file description
+        train.lock_run_dir(str(tmp_path / "x"), True)
+    fh.close()
+    train.lock_run_dir(str(tmp_path / "x"), True).close()
