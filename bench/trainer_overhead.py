@@ -47,21 +47,19 @@ def minimal_loop(steps: int, skip: int) -> float:
     from imnet import config, models
     from imnet.data import TrainSampler
     from imnet.data.datasets import build_dataset
-    from imnet.evaluate import norm_kwargs
 
     cfg = config.load(CONFIG)
     torch.manual_seed(0)
     ds, info = build_dataset("digits", cfg.data.root, "train", augment=True)
     sampler = TrainSampler(len(ds), 0, 1, cfg.data.batch_size, 0)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True)
-    model = models.build("small", num_classes=info.num_classes, in_channels=info.in_channels, image_size=32,
-                         norm="gn", norm_kwargs=norm_kwargs(cfg))
+    model = models.from_config(cfg.model, info).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     step, epoch, t0 = 0, 0, None
     while step < steps:
         sampler.set_epoch(epoch)
         for x, y in loader:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import warnings
 from typing import Optional
 
 import numpy as np
@@ -127,6 +126,3 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
-
-def warn_unloadable(path: str, err: Exception) -> None:
-    warnings.warn(f"checkpoint {path} could not be loaded ({err})", stacklevel=2)

@@ -74,9 +74,7 @@ def main(argv=None) -> dict:
     d = dist.setup(cfg.dist)
     try:
         data = data_mod.build(cfg, d, train=False)
-        model = models.build(cfg.model.arch, num_classes=data.info.num_classes, in_channels=data.info.in_channels,
-                             image_size=data.info.image_size, norm=cfg.model.norm, norm_kwargs=norm_kwargs(cfg),
-                             zero_init_last=cfg.model.zero_init_last)
+        model = models.from_config(cfg.model, data.info)
         model.load_state_dict(state["model"])
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         model.to(d.device, memory_format=fmt)
@@ -89,16 +87,6 @@ def main(argv=None) -> dict:
     finally:
         dist.cleanup()
     return result
-
-
-def norm_kwargs(cfg) -> dict:
-    m = cfg.model
-    kw = {"eps": m.norm_eps}
-    if m.norm == "gn":
-        kw.update(groups=m.gn_groups, channels_per_group=m.gn_channels_per_group, impl=m.gn_impl)
-    elif m.norm in ("ln", "in"):
-        kw.update(impl=m.gn_impl)
-    return kw
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 
 from imnet import checkpoint, config, dist, engine, models, schedule
 from imnet import data as data_mod
-from imnet.evaluate import evaluate, norm_kwargs
+from imnet.evaluate import evaluate
 from imnet.log import Logger
 
 
@@ -74,9 +74,7 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
     lock = lock_run_dir(run_dir, d.is_main)  # noqa: F841 - held until the process exits
     seed_all(cfg.run.seed, cfg.run.deterministic)
     data = data_mod.build(cfg, d)
-    model = models.build(cfg.model.arch, num_classes=data.info.num_classes, in_channels=data.info.in_channels,
-                         image_size=data.info.image_size, norm=cfg.model.norm, norm_kwargs=norm_kwargs(cfg),
-                         zero_init_last=cfg.model.zero_init_last)
+    model = models.from_config(cfg.model, data.info)
     eng = engine.build(cfg, model, d)
     ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.ckpt.keep, d.is_main)
 
@@ -103,15 +101,19 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
     if resume_path:
         log.print(f"resumed from {resume_path} at step {step} (epoch {epoch}, step {pos} of {spe})")
 
+    def sync_bn() -> None:
+        if cfg.dist.sync_bn_stats:
+            dist.average_buffers(eng.module)
+
     def save() -> None:
-        dist.average_buffers(eng.module) if cfg.dist.sync_bn_stats else None
+        sync_bn()
         rngs = dist.all_gather_object(checkpoint.rng_state())
         ckpt.save({**eng.state_dict(), "step": step, "epoch": epoch, "pos": pos, "bad_in_row": bad_in_row,
                    "rng": rngs, "config": config.to_dict(cfg)}, step)
         dist.barrier()
 
     def validate() -> dict:
-        dist.average_buffers(eng.module) if cfg.dist.sync_bn_stats else None
+        sync_bn()
         res = evaluate(eng.module, data.val, d.device, cfg.precision.amp)
         res["step"] = step
         log.log(split="val", epoch=epoch, **res)

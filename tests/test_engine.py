@@ -95,3 +95,12 @@ def test_run_folder_lock(tmp_path):
         train.lock_run_dir(str(tmp_path / "x"), True)
     fh.close()
     train.lock_run_dir(str(tmp_path / "x"), True).close()
+
+
+@pytest.mark.timeout(300)
+def test_torch_compile_matches_eager(tmp_path):
+    fit(cfg_for(tmp_path, "eager", "run.max_steps=2", "run.deterministic=false"))
+    fit(cfg_for(tmp_path, "compiled", "run.max_steps=2", "model.compile=true", "run.deterministic=false"))
+    a, b = weights(tmp_path, "eager"), weights(tmp_path, "compiled")
+    assert a.keys() == b.keys()  # the bare model is saved, no _orig_mod. prefix
+    assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-4

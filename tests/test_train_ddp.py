@@ -23,10 +23,10 @@ def max_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
-@pytest.mark.parametrize("norm,equal", [("gn", True), ("bn", False)])
+@pytest.mark.parametrize("norm,equal", [("gn", True), ("syncbn", True), ("bn", False)])
 def test_two_ranks_b_equal_one_rank_2b(tmp_path, small_run, norm, equal):
-    """2 ranks x 8 images == 1 rank x 16 images for GN (the same 16 images form each global batch);
-    BN (per-rank statistics) must differ: the negative control."""
+    """2 ranks x 8 images == 1 rank x 16 images for GN and for SyncBN (the same 16 images form each
+    global batch; one-process SyncBN is BN); BN (per-rank statistics) must differ: the negative control."""
     common = [f"model.norm={norm}", "run.max_steps=3", "run.deterministic=true", "optim.base_lr=0.5"]
     run(torchrun(2, "imnet.train", *small_run("two", "data.batch_size=8", *common)))
     run(single("imnet.train", *small_run("one", "data.batch_size=16", *common)))

@@ -43,3 +43,19 @@ def _norm_channels(arch: str, image_size: int) -> frozenset[int]:
 def norm_channels(arch: str, image_size: int = 224) -> set[int]:
     """Every channel count a norm layer of `arch` sees (e.g. to check that GN groups divide them)."""
     return set(_norm_channels(arch, image_size))
+
+
+def norm_kwargs(mcfg) -> dict:
+    """The keyword arguments `norm.make` takes, from the config's `model` section."""
+    kw = {"eps": mcfg.norm_eps}
+    if mcfg.norm in ("gn", "ln", "in"):
+        kw["impl"] = mcfg.gn_impl
+    if mcfg.norm == "gn":
+        kw.update(groups=mcfg.gn_groups, channels_per_group=mcfg.gn_channels_per_group)
+    return kw
+
+
+def from_config(mcfg, info) -> nn.Module:
+    """The model the config's `model` section describes, for a dataset with `info` (a DatasetInfo)."""
+    return build(mcfg.arch, num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size,
+                 norm=mcfg.norm, norm_kwargs=norm_kwargs(mcfg), zero_init_last=mcfg.zero_init_last)
