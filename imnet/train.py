@@ -100,6 +100,10 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
                                              "global_batch": global_batch, "peak_lr": peak, "steps": total})
     if resume_path:
         log.print(f"resumed from {resume_path} at step {step} (epoch {epoch}, step {pos} of {spe})")
+        changed = trajectory_changes(state["config"], config.to_dict(cfg), state.get("world"), d.world)
+        if changed:
+            log.print(f"warning: resuming with {', '.join(changed)} changed since the checkpoint: "
+                      "the run will not follow the trajectory it would have had")
 
     def sync_bn() -> None:
         if cfg.dist.sync_bn_stats:
@@ -109,7 +113,7 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
         sync_bn()
         rngs = dist.all_gather_object(checkpoint.rng_state())
         ckpt.save({**eng.state_dict(), "step": step, "epoch": epoch, "pos": pos, "bad_in_row": bad_in_row,
-                   "rng": rngs, "config": config.to_dict(cfg)}, step)
+                   "rng": rngs, "config": config.to_dict(cfg), "world": d.world}, step)
         dist.barrier()
 
     def validate() -> dict:
@@ -163,6 +167,29 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
         result = validate()
     log.close()
     return result
+
+
+# Keys that may change between a run and its resumption without changing what is trained.
+_HARMLESS = {"run.epochs", "run.max_steps", "run.eval_every", "run.out_dir", "run.name", "data.root",
+             "data.workers", "data.eval_batch_size", "ckpt", "log", "dist.timeout_s"}
+
+
+def trajectory_changes(old: dict, new: dict, old_world, new_world) -> list[str]:
+    """Dotted keys (and the world size) that differ between a checkpoint's config and this run's."""
+    def flat(tree, prefix=""):
+        for k, v in tree.items():
+            key = f"{prefix}{k}"
+            if key in _HARMLESS:
+                continue
+            if isinstance(v, dict):
+                yield from flat(v, key + ".")
+            else:
+                yield key, v
+    a, b = dict(flat(old)), dict(flat(new))
+    out = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if old_world is not None and old_world != new_world:
+        out.append(f"world size ({old_world} -> {new_world})")
+    return out
 
 
 def _now(device: torch.device) -> float:

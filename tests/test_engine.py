@@ -104,3 +104,45 @@ def test_torch_compile_matches_eager(tmp_path):
     a, b = weights(tmp_path, "eager"), weights(tmp_path, "compiled")
     assert a.keys() == b.keys()  # the bare model is saved, no _orig_mod. prefix
     assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-4
+
+
+def test_resume_from_a_path_and_warn_on_changed_trajectory(tmp_path, capsys):
+    fit(cfg_for(tmp_path, "a", "run.max_steps=2"))
+    path = str(tmp_path / "a" / "checkpoints" / "ckpt_00000002.pt")
+    capsys.readouterr()
+    fit(cfg_for(tmp_path, "b", "run.max_steps=4", f"ckpt.resume={path}", "optim.base_lr=0.2"))
+    out = capsys.readouterr().out
+    assert f"resumed from {path} at step 2" in out
+    assert "warning: resuming with optim.base_lr changed" in out
+    steps = [r["step"] for r in read_metrics(str(tmp_path / "b")) if r["split"] == "train"]
+    assert steps == [3, 4]
+
+
+def test_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, child_env, metrics, run
+
+    args = [sys.executable, "-m", "imnet.train", "data.name=synthetic", "data.synthetic_size=512",
+            "data.image_size=32", "data.batch_size=8", "model.gn_groups=8", "run.epochs=3", "log.every_steps=1",
+            f"run.out_dir={tmp_path}", "run.name=sig", "log.progress=false", "ckpt.epoch_end=false"]
+    p = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "sig" / "metrics.jsonl").exists() or not metrics(tmp_path / "sig"):
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0
+    assert "stopped by signal at step" in out
+    step = int(out.split("stopped by signal at step ")[1].split(";")[0])
+    assert step < 3 * 64  # 512 images / 8 per batch = 64 steps an epoch
+    assert sorted(os.listdir(tmp_path / "sig" / "checkpoints")) == [f"ckpt_{step:08d}.pt", "latest"]
+    resumed = run(args).stdout
+    assert f"at step {step} " in resumed
+    steps = [r["step"] for r in metrics(tmp_path / "sig") if r["split"] == "train"]
+    assert steps == list(range(1, 3 * 64 + 1))  # every step once, none twice
