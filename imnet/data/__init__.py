@@ -11,7 +11,7 @@ which worker process made it, so a run resumed mid-epoch sees exactly the batche
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -40,13 +40,18 @@ class TrainSampler(Sampler):
     def __len__(self) -> int:
         return (self.batches - self.start) * self.batch
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def epoch_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (indices, augmentation seeds) for the rest of the epoch, as int64 tensors."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g)
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
         used = self.batches * self.batch * self.world
         mine = torch.arange(self.rank, used, self.world)[self.start * self.batch:]
-        return iter(zip(perm[mine].tolist(), seeds[mine].tolist()))
+        return perm[mine], seeds[mine]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        idx, seeds = self.epoch_indices()
+        return iter(zip(idx.tolist(), seeds.tolist()))
 
 
 class ValSampler(Sampler):
@@ -82,8 +87,8 @@ class DeviceLoader:
 
 @dataclass
 class Data:
-    train: DeviceLoader
-    val: DeviceLoader
+    train: Optional[Iterable]  # DeviceLoader | ResidentLoader | DaliLoader: (images, labels) on the device
+    val: Iterable
     info: DatasetInfo
     steps_per_epoch: int   # optimizer steps (micro-batches // accum_steps)
     n_val: int
@@ -101,17 +106,27 @@ def build(cfg, dist, *, train: bool = True) -> Data:
     kw = dict(image_size=d.image_size, synthetic_classes=d.synthetic_classes,
               synthetic_channels=d.synthetic_channels, seed=cfg.run.seed)
     val_ds, info = build_dataset(d.name, d.root, "val", augment=False, synthetic_size=max(1, d.synthetic_size // 4), **kw)
-    cl = cfg.model.channels_last
-    val = DeviceLoader(_loader(val_ds, ValSampler(len(val_ds), dist.rank, dist.world),
-                               d.eval_batch_size or 2 * d.batch_size, d, dist.device, False), dist.device, cl)
-    tr: Optional[DeviceLoader] = None
-    steps = 0
+    train_ds = None
     if train:
         train_ds, _ = build_dataset(d.name, d.root, "train", augment=d.augment, synthetic_size=d.synthetic_size, **kw)
-        sampler = TrainSampler(len(train_ds), dist.rank, dist.world, d.batch_size, cfg.run.seed)
+    val_batch = d.eval_batch_size or 2 * d.batch_size
+    cl = cfg.model.channels_last
+    val_sampler = ValSampler(len(val_ds), dist.rank, dist.world)
+    sampler = TrainSampler(len(train_ds), dist.rank, dist.world, d.batch_size, cfg.run.seed) if train else None
+
+    if d.loader == "gpu":
+        from imnet.data.resident import ResidentLoader
+
+        val = ResidentLoader(val_ds, val_sampler, val_batch, dist.device, cl, train=False)
+        tr = ResidentLoader(train_ds, sampler, d.batch_size, dist.device, cl, train=True) if train else None
+    else:
+        val = DeviceLoader(_loader(val_ds, val_sampler, val_batch, d, dist.device, False), dist.device, cl)
+        tr = (DeviceLoader(_loader(train_ds, sampler, d.batch_size, d, dist.device, True), dist.device, cl)
+              if train else None)
+    steps = 0
+    if train:
         steps = sampler.batches // cfg.optim.accum_steps
         if steps == 0:
             raise ValueError(f"optim.accum_steps: {cfg.optim.accum_steps} micro-batches is more than an epoch "
                              f"({sampler.batches} per rank)")
-        tr = DeviceLoader(_loader(train_ds, sampler, d.batch_size, d, dist.device, True), dist.device, cl)
     return Data(tr, val, info, steps, len(val_ds))

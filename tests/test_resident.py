@@ -1,0 +1,113 @@
+"""The device-resident loader (data.loader=gpu), on the CPU: same samples as the torch loader,
+correct crops and flips, deterministic, resumable."""
+
+import torch
+import torch.nn.functional as F
+
+from imnet import config, dist
+from imnet import data as D
+from imnet.data import TrainSampler, ValSampler
+from imnet.data.datasets import TensorImageDataset
+from imnet.data.resident import ResidentLoader
+
+CPU = torch.device("cpu")
+
+
+def dataset(n=40, c=3, size=8, flip=True):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=g)
+    return TensorImageDataset(images, torch.arange(n) % 5, (0.5,) * c, (0.25,) * c, augment=True, flip=flip)
+
+
+def test_crop_and_flip_follow_the_sample_seed():
+    ds = dataset()
+    sampler = TrainSampler(len(ds), 0, 1, 8, seed=3)
+    loader = ResidentLoader(ds, sampler, 8, CPU, channels_last=False, train=True)
+    idx, seeds = sampler.epoch_indices()
+    x, y = next(iter(loader))
+    p, k = ds.pad, 2 * ds.pad + 1
+    assert p == 1
+    flips = 0
+    for j in range(8):
+        s = seeds[j].item()
+        top, left, flip = s % k, (s // k) % k, (s // (k * k)) % 2
+        img = F.pad(ds.images[idx[j]], (p, p, p, p))[:, top:top + 8, left:left + 8]
+        if flip:
+            img = img.flip(-1)
+            flips += 1
+        expect = (img.float() / 255 - 0.5) / 0.25
+        assert torch.allclose(x[j], expect, atol=1e-6), j
+        assert y[j].item() == ds.targets[idx[j]].item()
+    assert 0 < flips < 8  # both cases occur in this batch
+
+
+def test_no_flip_for_digit_like_sets():
+    ds = dataset(flip=False)
+    sampler = TrainSampler(len(ds), 0, 1, 40, seed=1)
+    x, _ = next(iter(ResidentLoader(ds, sampler, 40, CPU, False, True)))
+    idx, seeds = sampler.epoch_indices()
+    p, k = ds.pad, 2 * ds.pad + 1
+    for j in range(40):
+        s = seeds[j].item()
+        img = F.pad(ds.images[idx[j]], (p, p, p, p))[:, s % k:s % k + 8, (s // k) % k:(s // k) % k + 8]
+        assert torch.allclose(x[j], (img.float() / 255 - 0.5) / 0.25, atol=1e-6)
+
+
+def test_shards_resume_and_determinism():
+    ds = dataset()
+    full = []
+    for rank in range(2):
+        s = TrainSampler(len(ds), rank, 2, 4, seed=7)
+        s.set_epoch(2)
+        batches = list(ResidentLoader(ds, s, 4, CPU, False, True))
+        assert len(batches) == 5 and all(x.shape == (4, 3, 8, 8) for x, _ in batches)
+        again = list(ResidentLoader(ds, s, 4, CPU, False, True))
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+        s.set_epoch(2, start_batch=3)  # resume after 3 batches: the same last 2 batches
+        tail = list(ResidentLoader(ds, s, 4, CPU, False, True))
+        assert len(tail) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(batches[3:], tail))
+        full.append(s.epoch_indices()[0])
+    s0 = TrainSampler(len(ds), 0, 2, 4, seed=7)
+    s0.set_epoch(2)
+    s1 = TrainSampler(len(ds), 1, 2, 4, seed=7)
+    s1.set_epoch(2)
+    a, b = set(s0.epoch_indices()[0].tolist()), set(s1.epoch_indices()[0].tolist())
+    assert not a & b and len(a | b) == 40
+
+
+def test_val_equals_the_torch_loader_and_counts_once():
+    cfg_t = config.load(None, ["data.name=digits", "data.eval_batch_size=50"])
+    cfg_g = config.load(None, ["data.name=digits", "data.eval_batch_size=50", "data.loader=gpu",
+                               "model.channels_last=true"])
+    d = dist.setup(cfg_t.dist)
+    t, g = D.build(cfg_t, d), D.build(cfg_g, d)
+    vt, vg = list(t.val), list(g.val)
+    assert sum(len(y) for _, y in vg) == 360 and len(vg) == len(g.val) == 8
+    for (xa, ya), (xb, yb) in zip(vt, vg):
+        assert torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-6)
+        assert xb.is_contiguous(memory_format=torch.channels_last)
+    # the train loaders walk the same samples in the same order
+    t.train.sampler.set_epoch(1)
+    g.train.sampler.set_epoch(1)
+    for (_, ya), (_, yb) in zip(t.train, g.train):
+        assert torch.equal(ya, yb)
+
+
+def test_val_shards_every_image_once():
+    ds = dataset(n=23)
+    ds.augment = False
+    seen = []
+    for rank in range(3):
+        for x, y in ResidentLoader(ds, ValSampler(23, rank, 3), 4, CPU, False, train=False):
+            seen.append(len(y))
+    assert sum(seen) == 23
+
+
+def test_refuses_datasets_not_in_memory():
+    import pytest
+
+    class Lazy(torch.utils.data.Dataset):
+        pass
+
+    with pytest.raises(ValueError, match="data.loader=gpu needs a dataset held in memory"):
+        ResidentLoader(Lazy(), None, 4, CPU, False, True)
