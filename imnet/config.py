@@ -33,14 +33,17 @@ class RunCfg(Section):
 
 
 class DataCfg(Section):
-    name: Literal["synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet"] = "digits"
+    name: Literal["synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet", "tiny_imagenet",
+                  "h5"] = "digits"
     root: str = "data"
     batch_size: int = Field(32, gt=0)                 # images per rank per micro-batch
     eval_batch_size: Optional[int] = Field(None, gt=0)  # None: 2 x batch_size
     workers: int = Field(0, ge=0)                     # DataLoader worker processes per rank
     image_size: Optional[int] = Field(None, gt=0)     # None: the dataset's native size (224 for imagenet)
     augment: bool = True
-    loader: Literal["torch"] = "torch"
+    loader: Literal["torch", "dali", "gpu"] = "torch"  # gpu: the whole uint8 set resident on the device
+    on_bad_image: Literal["error", "skip"] = "error"  # skip: replace an unreadable image, count and log it
+    dali_hw_decoder_load: float = Field(0.65, ge=0, le=1)  # share of JPEGs for the A100/H100 hardware decoder
     # synthetic data only
     synthetic_size: int = Field(1024, gt=0)           # train images (val gets a quarter)
     synthetic_classes: int = Field(10, gt=1)

@@ -378,4 +378,4 @@ def test_bad_name_and_split():
     with pytest.raises(ValueError) as err:
         build_dataset("synthetic", "", "test", augment=False)
     assert "'test'" in str(err.value) and "train" in str(err.value) and "val" in str(err.value)
-    assert NAMES == ("synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet")
+    assert NAMES == ("synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet", "tiny_imagenet", "h5")

@@ -10,12 +10,15 @@ which worker process made it, so a run resumed mid-epoch sees exactly the batche
 
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from imnet.data.bad import BadImagePolicy
 from imnet.data.datasets import DatasetInfo, build_dataset
 
 
@@ -109,11 +112,19 @@ def build(cfg, dist, *, train: bool = True) -> Data:
     train_ds = None
     if train:
         train_ds, _ = build_dataset(d.name, d.root, "train", augment=d.augment, synthetic_size=d.synthetic_size, **kw)
+        if hasattr(train_ds, "path"):  # a dataset of files: an unreadable one gets data.on_bad_image
+            # skip replaces it in the same batch slot, so every rank keeps its step count; val always
+            # uses "error": a replaced val image would count its neighbour twice.
+            log = functools.partial(print, f"[rank {dist.rank}]", file=sys.stderr, flush=True)
+            train_ds = BadImagePolicy(train_ds, d.on_bad_image, log=log)
+            val_ds = BadImagePolicy(val_ds, "error")
     val_batch = d.eval_batch_size or 2 * d.batch_size
     cl = cfg.model.channels_last
     val_sampler = ValSampler(len(val_ds), dist.rank, dist.world)
     sampler = TrainSampler(len(train_ds), dist.rank, dist.world, d.batch_size, cfg.run.seed) if train else None
 
+    if d.loader == "dali":
+        raise RuntimeError("data.loader=dali is not wired into the trainer yet")
     if d.loader == "gpu":
         from imnet.data.resident import ResidentLoader
 

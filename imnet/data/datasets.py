@@ -9,10 +9,11 @@ per-sample seed the sampler hands out, so an image depends on (index, sample_see
 the process, the worker count or the caller's global RNG (which is left untouched). That is what
 lets the trainer resume mid-epoch exactly.
 
-Small datasets (digits, mnist, fashion, cifar10, svhn) live in memory as one uint8 (N, C, H, W)
-tensor and are augmented as tensors; ImageNet is read from JPEG folders through PIL. Files are
-read with torchvision's dataset classes and download=False: training never downloads; use
-`python -m imnet.download` beforehand.
+Small datasets (digits, mnist, fashion, cifar10, svhn, tiny_imagenet, small h5 files) live in memory
+as one uint8 (N, C, H, W) tensor and are augmented as tensors; ImageNet is read from JPEG folders
+through PIL. Files are read with torchvision's dataset classes and download=False: training never
+downloads; use `python -m imnet.download` beforehand. The `h5` dataset (imnet/data/h5.py) reads HDF5 files,
+including the fast layout `python -m imnet.data.convert` writes from any of the others.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from imnet.data import transforms as tf
 
-NAMES = ("synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet")
+NAMES = ("synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet", "tiny_imagenet", "h5")
 SPLITS = ("train", "val")
 
 _MASK64 = (1 << 64) - 1
@@ -53,11 +55,13 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
     # Computed once from the 1437-image train split after the 8 -> 32 px bilinear upsampling below.
     "digits": ((0.3059,), (0.3240,)),
+    # Tiny ImageNet is a 64 px subset of ImageNet: the ImageNet constants are close enough.
+    "tiny_imagenet": (tf.IMAGENET_MEAN, tf.IMAGENET_STD),
 }
 
 # Horizontal flip only where the classes are mirror-symmetric: digits and clothes-with-text are not
 # (a flipped 2 or 7 is not a digit), CIFAR-10 objects are.
-_FLIP = {"digits": False, "mnist": False, "fashion": False, "svhn": False, "cifar10": True}
+_FLIP = {"digits": False, "mnist": False, "fashion": False, "svhn": False, "cifar10": True, "tiny_imagenet": True}
 
 # Name the user passes to `python -m imnet.download --dataset ...` for each downloadable dataset.
 DOWNLOAD_NAMES = {"mnist": "MNIST", "fashion": "Fashion", "cifar10": "CIFAR10", "svhn": "SVHN"}
@@ -194,6 +198,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.folder.samples)
 
+    def path(self, index: int) -> str:
+        """The image file of sample `index` (an int or an `(index, sample_seed)` key)."""
+        return self.folder.samples[_parse_key(index, len(self))[0]][0]
+
     def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
         index, seed = _parse_key(key, len(self))
         path, label = self.folder.samples[index]
@@ -316,9 +324,10 @@ def _build_svhn(req: _Request) -> tuple[Dataset, DatasetInfo]:
 
 IMAGENET_HELP = (
     "Expected layout: {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG, one folder per class "
-    "with the same class folders in both (the ILSVRC2012 val images must be sorted into class folders, "
-    "e.g. with the valprep.sh script). ImageNet cannot be downloaded automatically: request access and "
-    "download ILSVRC2012 from https://image-net.org, then extract it into this layout.")
+    "with the same class folders in both. The ILSVRC2012 val images come flat: sort them into class "
+    "folders with `python -m imnet.data.sort_val --val-dir {root}/val --labels LOC_val_solution.csv`, and "
+    "list damaged files with `python -m imnet.data.check {root}`. ImageNet cannot be downloaded "
+    "automatically: request access and download ILSVRC2012 from https://image-net.org.")
 
 
 def _build_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
@@ -342,6 +351,84 @@ def _build_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
     return ds, DatasetInfo(len(data.classes), 3, size, tf.IMAGENET_MEAN, tf.IMAGENET_STD)
 
 
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+_TINY_SIZE = 64  # px: every Tiny ImageNet image is 64 x 64
+
+
+def _tiny_imagenet_files(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """(wnids, [(path, label)]) of the official layout; label = line number of the wnid in wnids.txt."""
+    wnids_path, folder = os.path.join(root, "wnids.txt"), os.path.join(root, split)
+    ann = os.path.join(folder, "val_annotations.txt")
+    needed = [wnids_path, folder] + ([ann] if split == "val" else [])
+    missing = [p for p in needed if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"dataset 'tiny_imagenet' ({split}) not found: missing {', '.join(missing)}. Expected the official "
+            f"layout under {root}: wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and "
+            f"val/val_annotations.txt. Download {TINY_IMAGENET_URL} and unzip it; root is its "
+            f"tiny-imagenet-200 folder (there is no automatic download).")
+    with open(wnids_path, encoding="utf-8") as fh:
+        wnids = [line.strip() for line in fh if line.strip()]
+    label = {w: i for i, w in enumerate(wnids)}
+    files: list[tuple[str, int]] = []
+    if split == "train":
+        for w in wnids:
+            d = os.path.join(folder, w, "images")
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"dataset 'tiny_imagenet' (train): class folder {d} for wnid {w} is missing "
+                                        f"(download {TINY_IMAGENET_URL})")
+            names = sorted(n for n in os.listdir(d) if n.lower().endswith((".jpeg", ".jpg")))
+            files += [(os.path.join(d, n), label[w]) for n in names]
+        return wnids, files
+    with open(ann, encoding="utf-8") as fh:  # filename \t wnid \t x0 \t y0 \t x1 \t y1, kept in file order
+        for line in fh:
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 2:
+                raise ValueError(f"{ann}: expected tab-separated 'filename wnid x0 y0 x1 y1', got {line!r}")
+            name, wnid = parts[:2]
+            path = os.path.join(folder, "images", name)
+            if wnid not in label:
+                raise ValueError(f"tiny_imagenet val image {path} has wnid {wnid!r} ({ann}), which is not in "
+                                 f"{wnids_path}")
+            files.append((path, label[wnid]))
+    return wnids, files
+
+
+def _build_tiny_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
+    """Tiny ImageNet 200, decoded once into one uint8 (N, 3, 64, 64) tensor and then augmented like CIFAR.
+
+    Memory: the 100k train images take 1.2 GB (val: 10k, 123 MB). Decoding them with PIL takes about
+    0.3 ms per image (half a minute for train) at every build; `python -m imnet.data.convert --dataset
+    tiny_imagenet ...` once, then `h5`, skips it. Grayscale JPEGs are converted to RGB. Normalized with
+    the ImageNet mean/std.
+    """
+    from PIL import Image
+
+    wnids, files = _tiny_imagenet_files(req.root, req.split)
+    images = torch.empty((len(files), 3, _TINY_SIZE, _TINY_SIZE), dtype=torch.uint8)
+    for i, (path, _) in enumerate(files):
+        try:
+            with Image.open(path) as img:
+                pixels = np.array(img.convert("RGB"))  # a writable copy (12 KB) for torch
+        except OSError as e:  # missing, truncated or not an image (PIL's UnidentifiedImageError is an OSError)
+            raise OSError(f"tiny_imagenet image {path} could not be read: {e}") from e
+        if pixels.shape != (_TINY_SIZE, _TINY_SIZE, 3):
+            raise ValueError(f"tiny_imagenet image {path} is {pixels.shape[1]}x{pixels.shape[0]} px, expected "
+                             f"{_TINY_SIZE}x{_TINY_SIZE}")
+        images[i] = torch.from_numpy(pixels).permute(2, 0, 1)
+    ds, info = _in_memory("tiny_imagenet", images, [y for _, y in files], req, len(wnids), _TINY_SIZE)
+    ds.classes = wnids
+    return ds, info
+
+
+def _build_h5(req: _Request) -> tuple[Dataset, DatasetInfo]:
+    from imnet.data import h5  # h5 imports this module
+
+    return h5.build(req.root, req.split, augment=req.augment, image_size=req.image_size)
+
+
 _BUILDERS: dict[str, Callable[[_Request], tuple[Dataset, DatasetInfo]]] = {
     "synthetic": _build_synthetic,
     "digits": _build_digits,
@@ -350,6 +437,8 @@ _BUILDERS: dict[str, Callable[[_Request], tuple[Dataset, DatasetInfo]]] = {
     "cifar10": _build_cifar10,
     "svhn": _build_svhn,
     "imagenet": _build_imagenet,
+    "tiny_imagenet": _build_tiny_imagenet,
+    "h5": _build_h5,
 }
 assert tuple(_BUILDERS) == NAMES
 

@@ -1,0 +1,413 @@
+"""tiny_imagenet and h5 datasets and the HDF5 converter, against tiny files in the real formats."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from imnet.data import convert, h5
+from imnet.data import transforms as tf
+from imnet.data.datasets import NAMES, DatasetInfo, TensorImageDataset, build_dataset
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def norm(value: float, mean: float, std: float) -> float:
+    return (value / 255 - mean) / std
+
+
+def shifted_crops(img: torch.Tensor, pad: int) -> list[torch.Tensor]:
+    _, h, w = img.shape
+    padded = torch.nn.functional.pad(img, (pad, pad, pad, pad))
+    return [padded[:, t : t + h, l : l + w] for t in range(2 * pad + 1) for l in range(2 * pad + 1)]
+
+
+def contains(candidates: list[torch.Tensor], x: torch.Tensor) -> bool:
+    return any(torch.equal(c, x) for c in candidates)
+
+
+def check_determinism(ds, index: int, seeds=range(20)) -> list[torch.Tensor]:
+    state = torch.get_rng_state()
+    outs = [ds[(index, s)][0] for s in seeds]
+    assert torch.equal(torch.get_rng_state(), state), "dataset access changed the global RNG"
+    for s, out in zip(seeds, outs):
+        assert torch.equal(ds[(index, s)][0], out)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:]), "different seeds gave the same augmentation"
+    return outs
+
+
+def test_names_registered():
+    assert "tiny_imagenet" in NAMES and "h5" in NAMES
+
+
+# ------------------------------------------------------------------------------- Tiny ImageNet
+
+# wnids.txt order (the class order) on purpose not sorted.
+TINY = {"n03000003": (200, 30, 40), "n01000001": (20, 180, 60), "n02000002": (40, 50, 220)}
+GRAY = 90  # the one grayscale JPEG: class 1, image 2
+VAL = [("val_0.JPEG", "n02000002"), ("val_1.JPEG", "n03000003"), ("val_2.JPEG", "n02000002")]
+
+
+def tiny_image(color, k: int, mode: str = "RGB") -> Image.Image:
+    """A solid 64x64 image with a white 8x8 square at (8k, 8k) so crops and flips are visible."""
+    img = Image.new(mode, (64, 64), color)
+    img.paste(255 if mode == "L" else (255, 255, 255), (8 * k, 8 * k, 8 * k + 8, 8 * k + 8))
+    return img
+
+
+def make_tiny(root) -> str:
+    root = os.path.join(root, "tiny-imagenet-200")
+    os.makedirs(os.path.join(root, "val", "images"))
+    with open(os.path.join(root, "wnids.txt"), "w") as fh:
+        fh.write("\n".join(TINY) + "\n")
+    for c, (wnid, color) in enumerate(TINY.items()):
+        folder = os.path.join(root, "train", wnid, "images")
+        os.makedirs(folder)
+        with open(os.path.join(root, "train", wnid, f"{wnid}_boxes.txt"), "w") as fh:  # ignored, as in the zip
+            fh.write("")
+        for k in range(4):
+            img = tiny_image(GRAY, k, "L") if (c, k) == (1, 2) else tiny_image(color, k)
+            img.save(os.path.join(folder, f"{wnid}_{k}.JPEG"), quality=95)
+    lines = []
+    for name, wnid in VAL:
+        tiny_image(TINY[wnid], 1).save(os.path.join(root, "val", "images", name), quality=95)
+        lines.append(f"{name}\t{wnid}\t0\t3\t60\t61\n")
+    with open(os.path.join(root, "val", "val_annotations.txt"), "w") as fh:
+        fh.writelines(lines)
+    return root
+
+
+def test_tiny_imagenet_official_layout(tmp_path):
+    root = make_tiny(tmp_path)
+    colors = list(TINY.values())
+    for split, labels in (("train", [0] * 4 + [1] * 4 + [2] * 4), ("val", [2, 0, 2])):
+        ds, info = build_dataset("tiny_imagenet", root, split, augment=False)
+        assert info == DatasetInfo(3, 3, 64, MEAN, STD)
+        assert len(ds) == len(labels) and ds.targets.tolist() == labels and ds.targets.dtype == torch.int64
+        assert ds.images.shape == (len(labels), 3, 64, 64) and ds.classes == list(TINY)
+        for i, y in enumerate(labels):
+            x, label = ds[i]
+            assert x.dtype == torch.float32 and x.shape == (3, 64, 64) and label == y
+            want = (GRAY,) * 3 if (split, i) == ("train", 6) else colors[y]
+            for ch in range(3):  # far from the white square; JPEG keeps a solid area within a few levels
+                assert abs(x[ch, 60, 60].item() - norm(want[ch], MEAN[ch], STD[ch])) < 4 / 255 / STD[ch]
+    gray = build_dataset("tiny_imagenet", root, "train", augment=False)[0].images[6]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])  # grayscale -> RGB
+
+
+def test_tiny_imagenet_augmentation(tmp_path):
+    root = make_tiny(tmp_path)
+    ds, _ = build_dataset("tiny_imagenet", root, "train", augment=True)
+    plain, _ = build_dataset("tiny_imagenet", root, "train", augment=False)
+    raw = ds.images[5]
+    crops = [tf.normalize_uint8(c, ds._mean, ds._std) for c in shifted_crops(raw, 8)]  # 8 px at 64 px
+    flipped = [tf.normalize_uint8(c, ds._mean, ds._std) for c in shifted_crops(raw.flip(-1), 8)]
+    outs = check_determinism(ds, 5, seeds=range(30))
+    assert all(contains(crops, o) or contains(flipped, o) for o in outs)
+    assert any(contains(flipped, o) and not contains(crops, o) for o in outs), "natural images should flip"
+    assert torch.equal(ds[5][0], plain[5][0]) and torch.equal(plain[(5, 3)][0], plain[5][0])
+
+
+def test_tiny_imagenet_errors(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as err:
+        build_dataset("tiny_imagenet", missing, "train", augment=False)
+    assert os.path.join(missing, "wnids.txt") in str(err.value)
+    assert "http://cs231n.stanford.edu/tiny-imagenet-200.zip" in str(err.value)
+
+    root = make_tiny(tmp_path)
+    with open(os.path.join(root, "val", "val_annotations.txt"), "a") as fh:
+        fh.write("val_9.JPEG\tn09999999\t0\t0\t10\t10\n")
+    with pytest.raises(ValueError, match="val_9.JPEG"):
+        build_dataset("tiny_imagenet", root, "val", augment=False)
+
+    bad = os.path.join(root, "train", "n01000001", "images", "n01000001_3.JPEG")
+    with open(bad, "wb") as fh:
+        fh.write(b"not a jpeg")
+    with pytest.raises(OSError) as err:
+        build_dataset("tiny_imagenet", root, "train", augment=False)
+    assert bad in str(err.value)
+
+
+# ---------------------------------------------------------------------------- old HDF5 layout
+
+
+def write_old(folder, ids, images: np.ndarray, labels, one_hot: int = 0, name: str = "data.hdf5") -> None:
+    """One group per id with `image` (H, W, C) uint8 and `label` (int scalar, or one-hot of length one_hot)."""
+    os.makedirs(folder, exist_ok=True)
+    with h5py.File(os.path.join(folder, name), "w") as f:
+        for sid, img, y in zip(ids, images, labels):
+            g = f.create_group(sid)
+            g["image"] = img
+            g["label"] = np.eye(one_hot, dtype=np.float32)[y] if one_hot else np.int64(y)
+    with open(os.path.join(folder, "id.txt"), "w") as fh:
+        fh.write("".join(f"{sid}\n" for sid in ids))
+
+
+def rand_images(n, h, w, c, seed) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
+
+
+def make_old_folders(root):
+    """train/ with one-hot labels (length 4), val/ with integer labels up to 5; C = 3, 8x8 px."""
+    data = {"train": (rand_images(6, 8, 8, 3, 1), [0, 1, 2, 3, 1, 0], 4),
+            "val": (rand_images(3, 8, 8, 3, 2), [5, 2, 0], 0)}
+    for split, (images, labels, one_hot) in data.items():
+        write_old(os.path.join(root, split), [f"{split}-{i:03d}" for i in range(len(labels))], images, labels, one_hot)
+    return data
+
+
+def make_old_single(root, n=40, name="data.hdf5"):
+    """root/data.hdf5 (or data.hy) + id.txt, C = 1, integer labels; image i is filled with i (its identity)."""
+    ids = [f"sample_{i}" for i in range(n)]
+    images = np.repeat(np.arange(n, dtype=np.uint8), 100).reshape(n, 10, 10, 1)
+    images[:, 0, 0, 0] = 255  # not constant: std > 0
+    labels = [i % 7 for i in range(n)]
+    write_old(root, ids, images, labels, name=name)
+    return ids, images, labels
+
+
+def test_old_h5_split_folders(tmp_path):
+    data = make_old_folders(tmp_path)
+    train_images = data["train"][0].reshape(-1, 3) / 255
+    mean, std = tuple(train_images.mean(0)), tuple(train_images.std(0))
+    for split, (images, labels, _) in data.items():
+        ds, info = build_dataset("h5", str(tmp_path), split, augment=False)
+        assert isinstance(ds, TensorImageDataset)
+        assert info.num_classes == 6 and (info.in_channels, info.image_size) == (3, 8)  # max label 5 is in val
+        np.testing.assert_allclose(info.mean, mean, rtol=1e-9)
+        np.testing.assert_allclose(info.std, std, rtol=1e-9)
+        assert ds.targets.tolist() == labels and [ds[i][1] for i in range(len(ds))] == labels
+        assert torch.equal(ds.images, torch.from_numpy(images).permute(0, 3, 1, 2))
+        x, _ = ds[1]
+        for ch, r, c in ((0, 0, 0), (1, 3, 7), (2, 7, 2)):
+            assert x[ch, r, c].item() == pytest.approx(norm(images[1, r, c, ch], mean[ch], std[ch]), abs=1e-5)
+    outs = check_determinism(build_dataset("h5", str(tmp_path), "train", augment=True)[0], 2)
+    assert all(o.shape == (3, 8, 8) for o in outs)
+
+
+def test_old_h5_single_file_holdout_and_data_hy(tmp_path, monkeypatch):
+    ids, images, labels = make_old_single(tmp_path, name="data.hy")  # data.hdf5 absent: data.hy is used
+    monkeypatch.setattr(h5, "STATS_IMAGES", 5)  # mean/std from the first 5 train images only
+    train, info = build_dataset("h5", str(tmp_path), "train", augment=False)
+    val, vinfo = build_dataset("h5", str(tmp_path), "val", augment=False, seed=9)
+    assert info == vinfo and (info.num_classes, info.in_channels, info.image_size) == (7, 1, 10)
+    assert (len(train), len(val)) == (36, 4)
+    which = {s: [int(img[0, 1, 1]) for img in ds.images] for s, ds in (("train", train), ("val", val))}
+    assert sorted(which["train"] + which["val"]) == list(range(40)) and not set(which["train"]) & set(which["val"])
+    assert which["train"] == sorted(which["train"]) and which["val"] == sorted(which["val"])  # id.txt order
+    assert [ids[i] for i in which["val"]] == h5.holdout(ids)[1]
+    assert [labels[i] for i in which["val"]] == val.targets.tolist()
+    first5 = images[which["train"][:5]].reshape(-1) / 255
+    assert info.mean == pytest.approx((first5.mean(),)) and info.std == pytest.approx((first5.std(),))
+    # Fixed: the same ids every time, whatever the order of id.txt or the run seed.
+    again, _ = build_dataset("h5", str(tmp_path), "val", augment=False, seed=1)
+    assert torch.equal(again.images, val.images)
+    assert sorted(h5.holdout(ids[::-1])[1]) == sorted(h5.holdout(ids)[1])
+    tr, va = h5.holdout([f"x{i}" for i in range(1000)])
+    assert len(va) == 100 and len(tr) == 900 and not set(tr) & set(va)
+
+
+def test_old_h5_errors(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        build_dataset("h5", str(tmp_path), "train", augment=False)
+    for name in ("train.h5", "data.hdf5", "data.hy", "id.txt"):
+        assert os.path.join(str(tmp_path), name) in str(err.value)
+    assert "python -m imnet.data.convert" in str(err.value)
+
+    ids, images, labels = make_old_single(tmp_path / "a", n=5)
+    with open(tmp_path / "a" / "id.txt", "a") as fh:
+        fh.write("ghost_1\nghost_2\n")
+    with pytest.raises(ValueError) as err:
+        build_dataset("h5", str(tmp_path / "a"), "train", augment=False)
+    msg = str(err.value)
+    assert "'ghost_1'" in msg and "ghost_2" not in msg and os.path.join(str(tmp_path / "a"), "data.hdf5") in msg
+
+    write_old(tmp_path / "b", ["p", "q", "r"], [np.zeros((4, 4, 3), np.uint8)] * 2 + [np.zeros((4, 5, 3), np.uint8)],
+              [0, 1, 0])
+    with pytest.raises(ValueError, match="'r'"):  # both splits open the whole file's ids
+        build_dataset("h5", str(tmp_path / "b"), "train", augment=False)
+
+    write_old(tmp_path / "c", ["p", "q"], rand_images(2, 4, 6, 1, 0), [0, 1])
+    with pytest.raises(ValueError, match="H == W"):
+        build_dataset("h5", str(tmp_path / "c"), "train", augment=False)
+
+
+# -------------------------------------------------------------------------------- converter
+
+
+def roundtrip(name, root, out, capsys, image_size=None):
+    argv = ["--dataset", name, "--root", str(root), "--out", str(out)]
+    assert convert.main(argv + (["--image-size", str(image_size)] if image_size else [])) == 0
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["train.h5", "val.h5"]  # no temporary file left behind
+    for split in ("train", "val"):
+        assert os.path.join(str(out), f"{split}.h5") in printed
+        with h5py.File(os.path.join(out, f"{split}.h5"), "r") as f:
+            assert f.attrs["format"] == "imnet-h5-v1" and f["images"].dtype == np.uint8
+            assert f["labels"].dtype == np.int64 and f["images"].chunks == (1, *f["images"].shape[1:])
+    return printed
+
+
+def assert_same(name, root, out, image_size=None):
+    """`h5` from OUT yields exactly the source's uint8 images, labels, classes and info."""
+    infos = []
+    for split in ("train", "val"):
+        src, sinfo = build_dataset(name, str(root), split, augment=False, image_size=image_size)
+        dst, dinfo = build_dataset("h5", str(out), split, augment=False)
+        assert torch.equal(dst.images, src.images) and torch.equal(dst.targets, src.targets)
+        assert (dinfo.num_classes, dinfo.in_channels, dinfo.image_size) == \
+            (sinfo.num_classes, sinfo.in_channels, sinfo.image_size)
+        assert dst.flip == src.flip and getattr(dst, "classes", None) == getattr(src, "classes", None)
+        if split == "train":  # stored mean/std are the converted train split's
+            x = src.images.permute(0, 2, 3, 1).reshape(-1, sinfo.in_channels).double() / 255
+            assert dinfo.mean == pytest.approx(tuple(x.mean(0).tolist()), abs=1e-9)
+            assert dinfo.std == pytest.approx(tuple(x.std(0, unbiased=False).tolist()), abs=1e-9)
+        infos.append(dinfo)
+    assert infos[0] == infos[1]
+
+
+def test_convert_digits(tmp_path, capsys):
+    printed = roundtrip("digits", tmp_path / "unused", tmp_path / "out", capsys)
+    assert "1437 images 32x32x1" in printed and "360 images" in printed
+    assert_same("digits", tmp_path / "unused", tmp_path / "out")
+    assert build_dataset("h5", str(tmp_path / "out"), "train", augment=False)[0].flip is False
+
+
+def test_convert_tiny_imagenet_and_old_h5(tmp_path, capsys):
+    root = make_tiny(tmp_path)
+    roundtrip("tiny_imagenet", root, tmp_path / "tiny", capsys)
+    assert_same("tiny_imagenet", root, tmp_path / "tiny")
+    roundtrip("tiny_imagenet", root, tmp_path / "tiny32", capsys, image_size=32)  # resized once, then stored
+    assert_same("tiny_imagenet", root, tmp_path / "tiny32", image_size=32)
+
+    make_old_folders(tmp_path / "old")
+    roundtrip("h5", tmp_path / "old", tmp_path / "old_fast", capsys)
+    assert_same("h5", tmp_path / "old", tmp_path / "old_fast")
+    make_old_single(tmp_path / "single")
+    out = tmp_path / "single_fast"
+    roundtrip("h5", tmp_path / "single", out, capsys)
+    assert_same("h5", tmp_path / "single", out)
+
+
+def test_convert_in_place_prefers_fast_layout(tmp_path, capsys):
+    ids, images, labels = make_old_single(tmp_path, n=20)
+    before = {s: build_dataset("h5", str(tmp_path), s, augment=False)[0] for s in ("train", "val")}
+    assert convert.main(["--dataset", "h5", "--root", str(tmp_path), "--out", str(tmp_path)]) == 0
+    for split, ds in before.items():
+        after, _ = build_dataset("h5", str(tmp_path), split, augment=False)
+        assert torch.equal(after.images, ds.images) and torch.equal(after.targets, ds.targets)
+    assert sorted(os.listdir(tmp_path)) == ["data.hdf5", "id.txt", "train.h5", "val.h5"]
+
+
+def test_convert_imagenet_resizes_and_center_crops(tmp_path, capsys):
+    colors = {"n01440764": (200, 30, 40), "n01443537": (20, 180, 60)}
+    for split, n in (("train", 3), ("val", 1)):
+        for wnid, color in colors.items():
+            os.makedirs(tmp_path / "in" / split / wnid)
+            for k in range(n):
+                Image.new("RGB", (40 + 9 * k, 30), color).save(tmp_path / "in" / split / wnid / f"{k}.JPEG", quality=95)
+    with pytest.raises(SystemExit):
+        convert.main(["--dataset", "imagenet", "--root", str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    assert "--image-size is required" in capsys.readouterr().err
+    roundtrip("imagenet", tmp_path / "in", tmp_path / "out", capsys, image_size=16)
+    ds, info = build_dataset("h5", str(tmp_path / "out"), "train", augment=False)
+    assert info.num_classes == 2 and info.in_channels == 3 and info.image_size == 16
+    assert ds.targets.tolist() == [0, 0, 0, 1, 1, 1] and ds.classes == list(colors) and ds.flip
+    for img, y in zip(ds.images, ds.targets):
+        want = torch.tensor(colors[list(colors)[y]], dtype=torch.float32).view(3, 1, 1)
+        assert (img.float() - want).abs().max() <= 4
+    # A wide image (58x30) keeps its center: a bright stripe at the center column survives, the edges go.
+    img = np.zeros((30, 90, 3), np.uint8)
+    img[:, 44:46] = 255
+    img[:, :10] = 255
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    sq = convert.load_square(str(tmp_path / "wide.png"), 30)
+    assert sq.shape == (30, 30, 3) and sq[:, 14:16].min() > 200 and sq[:, :3].max() < 30
+
+
+def test_convert_is_atomic(tmp_path, monkeypatch, capsys):
+    calls = []
+    real = h5.Writer.append
+
+    def failing(self, images, labels):
+        calls.append(self.path)
+        if self.path.endswith("val.h5"):
+            raise KeyboardInterrupt  # interrupted while writing the second file
+        real(self, images, labels)
+
+    monkeypatch.setattr(h5.Writer, "append", failing)
+    with pytest.raises(KeyboardInterrupt):
+        convert.main(["--dataset", "digits", "--out", str(tmp_path / "out")])
+    assert any(p.endswith("train.h5") for p in calls)
+    assert os.listdir(tmp_path / "out") == []  # neither file, nor a temporary one
+    with pytest.raises(SystemExit):
+        convert.main(["--dataset", "synthetic", "--out", str(tmp_path / "out")])
+
+
+# ------------------------------------------------------------------------- lazy mode, workers
+
+
+class WorkerProbe(torch.utils.data.Dataset):
+    """Reads item i, then reports (pid that opened the reader's file, this process's pid)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.ds[i]
+        return torch.tensor([self.ds.reader._pid, os.getpid()])
+
+
+@pytest.mark.parametrize("layout", ["fast", "old"])
+def test_lazy_mode_matches_memory_and_is_worker_safe(tmp_path, monkeypatch, capsys, layout):
+    if layout == "fast":
+        root = tmp_path / "fast"
+        roundtrip("tiny_imagenet", make_tiny(tmp_path), root, capsys)
+    else:
+        root = tmp_path / "old"
+        make_old_folders(root)
+    memory, info = build_dataset("h5", str(root), "train", augment=True)
+    memory_small, _ = build_dataset("h5", str(root), "val", augment=False, image_size=6)
+    monkeypatch.setattr(h5, "IN_MEMORY_BYTES", 0)  # everything counts as too big: one read per item
+    lazy, linfo = build_dataset("h5", str(root), "train", augment=True)
+    assert isinstance(lazy, h5.H5Dataset) and isinstance(memory, TensorImageDataset) and info == linfo
+    assert torch.equal(lazy.targets, memory.targets) and len(lazy) == len(memory)
+    for i in range(len(lazy)):
+        for key in (i, (i, 1000 + i)):
+            a, b = lazy[key], memory[key]
+            assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    check_determinism(lazy, 1)
+    small, _ = build_dataset("h5", str(root), "val", augment=False, image_size=6)
+    assert small[0][0].shape == (3, 6, 6) and torch.equal(torch.stack([small.raw(i) for i in range(len(small))]),
+                                                          memory_small.images)  # resized per item = all at once
+
+    # The parent now holds an open handle; forked workers must open their own.
+    assert lazy.reader._pid == os.getpid()
+    keys = [(i, 77 * i + 5) for i in range(len(lazy))] * 2
+
+    def batches(workers):
+        loader = DataLoader(lazy, batch_size=4, sampler=keys, num_workers=workers,
+                            multiprocessing_context="fork" if workers else None)
+        return [(x, y) for x, y in loader]
+
+    serial, parallel = batches(0), batches(2)
+    assert len(serial) == len(parallel)
+    for (xa, ya), (xb, yb) in zip(serial, parallel):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    probes = torch.cat(list(DataLoader(WorkerProbe(lazy), batch_size=2, num_workers=2,
+                                       multiprocessing_context="fork")))
+    assert torch.equal(probes[:, 0], probes[:, 1]) and (probes[:, 1] != os.getpid()).all()
+    # Picklable (spawned workers): the handle stays behind and is reopened on first use.
+    clone = pickle.loads(pickle.dumps(lazy))
+    assert clone.reader._h5 is None and clone.reader._node is None and torch.equal(clone[(2, 9)][0], lazy[(2, 9)][0])
