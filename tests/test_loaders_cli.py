@@ -1,0 +1,83 @@
+"""A training run through the CLI on each loader and dataset format, and the bad-image policies."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import metrics, run, single
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def write_jpeg_tree(root, classes=2, n_train=8, n_val=3, size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"n{c:08d}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                arr = (rng.integers(0, 60, (size[1], size[0], 3)) + 120 * c).astype(np.uint8)
+                Image.fromarray(arr).save(os.path.join(folder, f"{split}_{c}_{i}.JPEG"), quality=90)
+    return root
+
+
+def common(tmp_path, name, *more):
+    return [f"run.out_dir={tmp_path}", f"run.name={name}", "log.progress=false", "run.epochs=2",
+            "model.gn_groups=8", *more]
+
+
+def last_val(run_dir):
+    return [r for r in metrics(run_dir) if r["split"] == "val"][-1]
+
+
+def test_gpu_resident_loader_trains(tmp_path):
+    out = run(single("imnet.train", "--config", "configs/digits_gn.yaml", "data.loader=gpu",
+                     *common(tmp_path, "gpu")))
+    assert "final val top1" in out.stdout
+    assert last_val(tmp_path / "gpu")["n"] == 360
+    assert last_val(tmp_path / "gpu")["top1"] > 0.5
+
+
+def test_imagenet_folder_with_a_truncated_jpeg(tmp_path):
+    root = write_jpeg_tree(str(tmp_path / "inet"))
+    bad = os.path.join(root, "train", "n00000001", "train_1_3.JPEG")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 2])
+    args = ["data.name=imagenet", f"data.root={root}", "data.image_size=32", "data.batch_size=4"]
+    p = run(single("imnet.train", *args, *common(tmp_path, "err")), check=False)
+    assert p.returncode != 0 and f"bad image {bad}" in p.stderr
+    out = run(single("imnet.train", *args, "data.on_bad_image=skip", *common(tmp_path, "skip")))
+    assert f"skipped bad image {bad}" in out.stderr
+    rows = metrics(tmp_path / "skip")
+    assert [r["step"] for r in rows if r["split"] == "val"] == [4, 8]  # 16 images / 4 = 4 steps an epoch
+    assert last_val(tmp_path / "skip")["n"] == 6
+
+
+def test_tiny_imagenet_and_h5_through_the_cli(tmp_path):
+    root = tmp_path / "tiny"
+    wnids = ["n01", "n02"]
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rng = np.random.default_rng(1)
+    ann = []
+    for c, w in enumerate(wnids):
+        (root / "train" / w / "images").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+                root / "train" / w / "images" / f"{w}_{i}.JPEG")
+        for i in range(2):
+            name = f"val_{c}_{i}.JPEG"
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "val" / "images" / name)
+            ann.append(f"{name}\t{w}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
+    run(single("imnet.train", "data.name=tiny_imagenet", f"data.root={root}", "data.batch_size=4",
+               "data.loader=gpu", *common(tmp_path, "tiny")))
+    assert last_val(tmp_path / "tiny")["n"] == 4
+    out = tmp_path / "h5"
+    run(single("imnet.data.convert", "--dataset", "tiny_imagenet", "--root", str(root), "--out", str(out)))
+    assert sorted(os.listdir(out)) == ["train.h5", "val.h5"]
+    run(single("imnet.train", "data.name=h5", f"data.root={out}", "data.batch_size=4", "data.workers=2",
+               *common(tmp_path, "h5")))
+    assert last_val(tmp_path / "h5")["n"] == 4
