@@ -81,3 +81,14 @@ def test_tiny_imagenet_and_h5_through_the_cli(tmp_path):
     run(single("imnet.train", "data.name=h5", f"data.root={out}", "data.batch_size=4", "data.workers=2",
                *common(tmp_path, "h5")))
     assert last_val(tmp_path / "h5")["n"] == 4
+
+
+def test_dali_loader_trains_on_2_ranks(tmp_path):
+    from conftest import torchrun
+
+    root = write_jpeg_tree(str(tmp_path / "inet"), n_train=10, n_val=3, size=(50, 40))
+    run(torchrun(2, "imnet.train", "data.name=imagenet", f"data.root={root}", "data.image_size=32",
+                 "data.batch_size=4", "data.loader=dali", "model.channels_last=true", *common(tmp_path, "dali")))
+    rows = metrics(tmp_path / "dali")
+    assert [r["step"] for r in rows if r["split"] == "val"] == [2, 4]  # 20 images / (2 x 4) = 2 steps an epoch
+    assert last_val(tmp_path / "dali")["n"] == 6

@@ -106,6 +106,8 @@ def _loader(ds, sampler, batch, cfg, device, drop_last) -> DataLoader:
 def build(cfg, dist, *, train: bool = True) -> Data:
     """Train and val loaders for `cfg` (the whole Config) on this rank."""
     d = cfg.data
+    if d.loader == "dali":
+        return _build_dali(cfg, dist, train)
     kw = dict(image_size=d.image_size, synthetic_classes=d.synthetic_classes,
               synthetic_channels=d.synthetic_channels, seed=cfg.run.seed)
     val_ds, info = build_dataset(d.name, d.root, "val", augment=False, synthetic_size=max(1, d.synthetic_size // 4), **kw)
@@ -123,8 +125,6 @@ def build(cfg, dist, *, train: bool = True) -> Data:
     val_sampler = ValSampler(len(val_ds), dist.rank, dist.world)
     sampler = TrainSampler(len(train_ds), dist.rank, dist.world, d.batch_size, cfg.run.seed) if train else None
 
-    if d.loader == "dali":
-        raise RuntimeError("data.loader=dali is not wired into the trainer yet")
     if d.loader == "gpu":
         from imnet.data.resident import ResidentLoader
 
@@ -134,10 +134,23 @@ def build(cfg, dist, *, train: bool = True) -> Data:
         val = DeviceLoader(_loader(val_ds, val_sampler, val_batch, d, dist.device, False), dist.device, cl)
         tr = (DeviceLoader(_loader(train_ds, sampler, d.batch_size, d, dist.device, True), dist.device, cl)
               if train else None)
-    steps = 0
-    if train:
-        steps = sampler.batches // cfg.optim.accum_steps
-        if steps == 0:
-            raise ValueError(f"optim.accum_steps: {cfg.optim.accum_steps} micro-batches is more than an epoch "
-                             f"({sampler.batches} per rank)")
-    return Data(tr, val, info, steps, len(val_ds))
+    return Data(tr, val, info, _steps(sampler, cfg), len(val_ds))
+
+
+def _steps(sampler: Optional[TrainSampler], cfg) -> int:
+    """Optimizer steps per epoch (0 without a train loader)."""
+    if sampler is None:
+        return 0
+    steps = sampler.batches // cfg.optim.accum_steps
+    if steps == 0:
+        raise ValueError(f"optim.accum_steps: {cfg.optim.accum_steps} micro-batches is more than an epoch "
+                         f"({sampler.batches} per rank)")
+    return steps
+
+
+def _build_dali(cfg, dist, train: bool) -> Data:
+    from imnet.data import dali  # DALI itself is imported only when a pipeline is built
+
+    val = dali.build(cfg, dist, "val")
+    tr = dali.build(cfg, dist, "train") if train else None
+    return Data(tr, val, val.info, _steps(tr.sampler if tr is not None else None, cfg), val.num_images)

@@ -23,8 +23,9 @@ Train epoch (rank r of world w, batch b, n images): the same permutation and the
 torch loader's `TrainSampler` (a full shuffle drawn from (run.seed, epoch); n // (w * b) batches on
 every rank; rank r takes every w-th image of the first n // (w * b) * w * b; the dropped tail changes
 every epoch). Each epoch builds a fresh pipeline whose reader reads exactly this rank's list in
-order (no `random_shuffle`: DALI's is a buffer shuffle over a list shuffled once with a fixed seed,
-and its sharded stream has no epoch boundary) and whose random ops are seeded from
+order (not DALI's `random_shuffle` + `shard_id`: that draws from a prefetch buffer of `initial_fill`
+samples, and the stream it makes has no epoch boundary: measured on 2.4, a 15-image shard repeated
+an image within its first 16 draws) and whose random ops are seeded from
 (run.seed, epoch, rank). DALI's random ops draw per sample slot of the batch, so the augmentation of
 a batch is a function of that seed and the batch's position in the epoch, independent of
 `num_threads`.
@@ -59,10 +60,11 @@ ImageNet ones x 255 because DALI works on 0..255 pixels):
   False) as PIL's ImageFolder loader ignores it; the GPU decoder uses libjpeg-turbo's "fancy" chroma
   upsampling (jpeg_fancy_upsampling=True) as PIL does.
 
-Parity with the torch loader (val recipe, CPU decoder, the same images): every pixel within one
-0..255 level (rounding of the two resamplers); mean |difference| 0.002-0.003 in normalized units.
-DALI's own `resize_shorter` + `crop_mirror_normalize(crop_pos 0.5)` gave 0.05-0.23: its long-side
-rounding and crop offset differ from torchvision's by a pixel. Numbers: tests/test_dali.py.
+Parity with the torch loader (val recipe, CPU decoder, the same JPEGs): every pixel within one
+0..255 level (the two resamplers round differently), mean |difference| 0.002-0.003 in normalized
+units; DALI's usual `resize_shorter` + `crop_mirror_normalize(crop_pos 0.5)` gives 0.05-0.18, as its
+long-side rounding and centre offset differ from torchvision's by a pixel. The numbers per option
+are in tests/test_dali.py::test_val_parity_with_the_torch_loader.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ import torch
 
 from imnet.data import TrainSampler
 from imnet.data import transforms as tf
-from imnet.data.datasets import DatasetInfo, _mix
+from imnet.data.datasets import IMAGENET_HELP, DatasetInfo, _mix, _tiny_imagenet_files, build_dataset
 
 NAMES = ("imagenet", "tiny_imagenet")
 _NATIVE = {"imagenet": 224, "tiny_imagenet": 64}  # default S (px) when data.image_size is unset
@@ -105,14 +107,10 @@ def dali_info(cfg) -> DatasetInfo:
         try:
             classes, _ = find_classes(os.path.join(d.root, split))
         except FileNotFoundError as e:
-            from imnet.data.datasets import IMAGENET_HELP
-
             raise FileNotFoundError(f"dataset 'imagenet' not found at {d.root}: {e}. "
                                     f"{IMAGENET_HELP.format(root=d.root)}") from None
         n = len(classes)
     else:
-        from imnet.data.datasets import _tiny_imagenet_files
-
         path = os.path.join(d.root, "wnids.txt")
         if not os.path.isfile(path):
             _tiny_imagenet_files(d.root, "train")  # raises its FileNotFoundError with the layout help
@@ -125,13 +123,9 @@ def list_files(name: str, root: str, split: str) -> tuple[list[str], list[int]]:
     """(paths, class labels) of one split, in the torch loader's order."""
     _check_name(name)
     if name == "imagenet":
-        from imnet.data.datasets import build_dataset
-
         ds, _ = build_dataset("imagenet", root, split, augment=False)  # scans, checks train/val classes
         samples = ds.folder.samples
     else:
-        from imnet.data.datasets import _tiny_imagenet_files
-
         _, samples = _tiny_imagenet_files(root, split)
     return [p for p, _ in samples], [int(y) for _, y in samples]
 
