@@ -27,9 +27,9 @@ class ResidentLoader:
         self.sampler, self.batch, self.device, self.train = sampler, batch, device, train
         self.images = ds.images.to(device)                        # uint8 (N, C, H, W), once
         self.targets = ds.targets.to(device=device, dtype=torch.int64)
-        c = self.images.shape[1]
-        self.mean = torch.tensor(ds.mean, device=device, dtype=torch.float32).view(1, 1, 1, c)
-        self.std = torch.tensor(ds.std, device=device, dtype=torch.float32).view(1, 1, 1, c)
+        mean = torch.tensor(ds.mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(ds.std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale, self.shift = 1 / (255 * std), -mean / std
         self.augment = train and ds.augment
         self.pad, self.flip = ds.pad, ds.flip
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -45,27 +45,30 @@ class ResidentLoader:
         return torch.as_tensor(self.sampler.indices, dtype=torch.int64, device=self.device), None
 
     def _augment(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> uint8 (B, H, W, C): random crop of the zero-padded image + flip."""
-        b, _, h, w = x.shape
+        """uint8 (B, C, H, W): random crop of the zero-padded image + flip, as ONE index_select of
+        bytes from the flattened padded batch (on 2 CPU threads: 0.8 ms for 64 CIFAR images; two
+        torch.gather passes took 1.3 ms and 3-tensor advanced indexing far more)."""
+        b, c, h, w = x.shape
         p, k = self.pad, 2 * self.pad + 1
+        hp, wp = h + 2 * p, w + 2 * p
         top, left, flip = seeds % k, (seeds // k) % k, (seeds // (k * k)) % 2 == 1
-        xp = F.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)           # (B, H+2p, W+2p, C), a view
-        rows = top[:, None] + torch.arange(h, device=x.device)    # (B, H)
+        flat = F.pad(x, (p, p, p, p)).view(-1)
         cols = torch.arange(w, device=x.device).expand(b, w)
         if self.flip:
             cols = torch.where(flip[:, None], w - 1 - cols, cols)
-        cols = left[:, None] + cols                               # (B, W)
-        return xp[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        cols = cols + left[:, None]                                                            # (B, W)
+        planes = torch.arange(b * c, device=x.device).view(b, c, 1) * hp                        # (B, C, 1)
+        rows = (planes + top.view(b, 1, 1) + torch.arange(h, device=x.device)) * wp            # (B, C, H)
+        return flat.index_select(0, (rows[..., None] + cols[:, None, None, :]).view(-1)).view(b, c, h, w)
 
     def __iter__(self):
         idx, seeds = self._indices()
         n = len(idx) // self.batch * self.batch if self.train else len(idx)
         for start in range(0, n, self.batch):
             i = idx[start:start + self.batch]
-            x = self.images[i]
+            x = self.images.index_select(0, i)
             if self.augment:
-                hwc = self._augment(x, seeds[start:start + self.batch])
-            else:
-                hwc = x.permute(0, 2, 3, 1)
-            out = hwc.float().div_(255).sub_(self.mean).div_(self.std).permute(0, 3, 1, 2)  # NCHW view
-            yield out.contiguous(memory_format=self.memory_format), self.targets[i]
+                x = self._augment(x, seeds[start:start + self.batch])
+            # (x / 255 - mean) / std as one multiply-add per element, broadcast over contiguous planes
+            out = x.float().mul_(self.scale).add_(self.shift)
+            yield out.contiguous(memory_format=self.memory_format), self.targets.index_select(0, i)
