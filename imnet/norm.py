@@ -7,6 +7,7 @@
     make("ln", 256)                          GroupNorm with one group (the GN paper's LN for conv nets)
     make("in", 256)                          GroupNorm with one channel per group (its IN)
     make("none", 256)                        Identity
+    make("gn", 256, impl="auto")             the channels-last Triton GroupNorm where Triton imports
 
 Every keyword is accepted for every name (those that do not apply are ignored) so a config can
 pass one `norm_kwargs` dict whatever the norm is.
@@ -21,6 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from imnet import kernels
+
 NAMES = ("bn", "syncbn", "gn", "ln", "in", "none")
 
 
@@ -32,11 +35,28 @@ def _native_group_norm(groups: int, channels: int, eps: float) -> nn.Module:
     return nn.GroupNorm(groups, channels, eps=eps, affine=True)
 
 
-# impl name -> factory(groups, channels, eps). A new implementation (the Triton channels-last
-# kernel) registers here; it should subclass nn.GroupNorm (same parameters, same state dict) so
-# that is_norm() and checkpoints keep working, or be added to _NORM_TYPES below.
+def _triton_group_norm(groups: int, channels: int, eps: float) -> nn.Module:
+    """The channels-last Triton GroupNorm (imnet.kernels); it runs native GroupNorm math on the CPU."""
+    if not kernels.triton_available():
+        raise RuntimeError("norm impl 'triton' needs Triton, which does not import here; "
+                           "install it or use impl 'auto' (model.gn_impl=auto) to fall back to native")
+    return kernels.ChannelsLastGroupNorm(groups, channels, eps=eps)
+
+
+def _auto_group_norm(groups: int, channels: int, eps: float) -> nn.Module:
+    """triton where Triton imports (its module still takes the native path for CPU tensors), else
+    native. The device is not known here; ChannelsLastGroupNorm decides per input in forward."""
+    if kernels.triton_available():
+        return kernels.ChannelsLastGroupNorm(groups, channels, eps=eps)
+    return _native_group_norm(groups, channels, eps)
+
+
+# impl name -> factory(groups, channels, eps). Every implementation subclasses nn.GroupNorm (same
+# parameters, same state dict) so that is_norm() and checkpoints keep working.
 _GROUP_NORM_IMPLS: dict[str, Callable[[int, int, float], nn.Module]] = {
     "native": _native_group_norm,
+    "triton": _triton_group_norm,
+    "auto": _auto_group_norm,
 }
 
 

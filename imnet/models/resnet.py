@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 from torchvision.models import resnet as tv
 
 from imnet import norm as norms
+from imnet.kernels import ChannelsLastGroupNorm
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -49,11 +51,88 @@ def last_norm(block: nn.Module) -> nn.Module | None:
     return None
 
 
+class BasicBlock(tv.BasicBlock):
+    """torchvision's BasicBlock (same modules, same state-dict keys). Once fuse_norm_act() sets
+    `fused`, bn1 applies the ReLU itself and bn2 computes relu(bn2(x) + identity) in one kernel
+    (or only the norm, the add and ReLU then separate, if bn2.act is None)."""
+
+    fused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.conv2(self.bn1(self.conv1(x)))  # bn1: GroupNorm + ReLU
+        if self.bn2.act == "relu":
+            return self.bn2(out, identity)  # relu(GroupNorm(out) + identity)
+        return self.relu(self.bn2(out) + identity)
+
+
+class Bottleneck(tv.Bottleneck):
+    """torchvision's Bottleneck (same modules, same state-dict keys). Once fuse_norm_act() sets
+    `fused`, bn1 and bn2 apply the ReLU themselves and bn3 computes relu(bn3(x) + identity) in one
+    kernel (or only the norm, the add and ReLU then separate, if bn3.act is None)."""
+
+    fused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x))))  # bn1, bn2: GroupNorm + ReLU
+        out = self.conv3(out)
+        if self.bn3.act == "relu":
+            return self.bn3(out, identity)  # relu(GroupNorm(out) + identity)
+        return self.relu(self.bn3(out) + identity)
+
+
+def fuse_norm_act(model: nn.Module, residual: bool = True) -> nn.Module:
+    """Let norms that can fuse (ChannelsLastGroupNorm) apply the ReLU that follows them: the stem's
+    and each block's norm -> ReLU pairs, and with `residual` the block's last norm + add + ReLU.
+    Modules and state dict are unchanged (only `act` attributes, and the stem's parameter-free ReLU
+    becomes an Identity); other norms (BN, native GN) are left exactly as they are. Returns model.
+    """
+    if (not isinstance(model, (BasicBlock, Bottleneck)) and isinstance(getattr(model, "relu", None), nn.ReLU)
+            and isinstance(getattr(model, "bn1", None), ChannelsLastGroupNorm)):
+        model.bn1.act = "relu"  # the stem: conv1 -> bn1 -> relu (the model's `relu` is used nowhere else)
+        model.relu = nn.Identity()
+    for block in model.modules():
+        if isinstance(block, (BasicBlock, Bottleneck)):
+            *inner, last = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
+            if all(isinstance(m, ChannelsLastGroupNorm) for m in (*inner, last)):
+                for m in inner:
+                    m.act = "relu"
+                last.act = "relu" if residual else None
+                block.fused = True
+    return model
+
+
+def norm_shapes(model: nn.Module, image_size: int, in_channels: int = 3) -> list[tuple[str, int, int, int]]:
+    """(name, C, H, W) of the input of every norm layer, in call order, for one image. Run the model
+    on the meta device (built under `with torch.device("meta")`) to get them without compute."""
+    shapes: list[tuple[str, int, int, int]] = []
+    hooks = [m.register_forward_pre_hook(lambda _, args, name=name: shapes.append((name, *args[0].shape[1:])))
+             for name, m in model.named_modules() if norms.is_norm(m)]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, in_channels, image_size, image_size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
 def resnet(depth: int, *, num_classes: int, in_channels: int, image_size: int,
            norm_layer: NormLayer, zero_init_last: bool) -> nn.Module:
-    """torchvision ResNet-18 or -50; convs stay bias-free whatever the norm (torchvision's choice)."""
-    factories = {18: tv.resnet18, 50: tv.resnet50}
-    model = factories[depth](weights=None, num_classes=num_classes, norm_layer=norm_layer)
+    """torchvision ResNet-18 or -50; convs stay bias-free whatever the norm (torchvision's choice).
+
+    Built from the subclassed blocks above (what tv.resnet18 / tv.resnet50 build, with the same
+    initialization), so that a fusing GroupNorm runs norm + ReLU (and add + ReLU) as one kernel.
+    """
+    blocks = {18: (BasicBlock, [2, 2, 2, 2]), 50: (Bottleneck, [3, 4, 6, 3])}
+    block, layers = blocks[depth]
+    model = tv.ResNet(block, layers, num_classes=num_classes, norm_layer=norm_layer)
     if image_size <= 64:
         # CIFAR-style stem: the ImageNet stem (stride-2 7x7 conv + max-pool) would shrink a 32x32
         # image to 8x8 before layer1 and 1x1 by layer4.
@@ -64,4 +143,4 @@ def resnet(depth: int, *, num_classes: int, in_channels: int, image_size: int,
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         kaiming_init(model.conv1)
     init_norms(model, zero_init_last)
-    return model
+    return fuse_norm_act(model)

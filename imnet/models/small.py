@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
-from imnet.models.resnet import NormLayer, init_norms, kaiming_init
+from imnet.models.resnet import BasicBlock, NormLayer, fuse_norm_act, init_norms, kaiming_init
 
 
 class SmallNet(nn.Module):
@@ -42,8 +41,9 @@ class SmallNet(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 images: 3x3 conv (16), three stages of n BasicBlocks with 16/32/64
     channels, stride 2 entering stages 2 and 3 through a 1x1 conv + norm projection shortcut
-    (the paper's option B), global average pool, linear. Blocks are torchvision's BasicBlock, so
-    the convs are bias-free for every norm, as in the torchvision ResNets.
+    (the paper's option B), global average pool, linear. Blocks are torchvision's BasicBlock (the
+    subclass in resnet.py that can fuse norm + ReLU), so the convs are bias-free for every norm, as
+    in the torchvision ResNets.
     """
 
     def __init__(self, depth: int, num_classes: int, in_channels: int, norm_layer: NormLayer,
@@ -75,6 +75,7 @@ class CifarResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 kaiming_init(m)
         init_norms(self, zero_init_last)
+        fuse_norm_act(self)  # only ChannelsLastGroupNorm fuses; BN, native GN: unchanged
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))

@@ -1,0 +1,141 @@
+"""GPU self-check of imnet's channels-last Triton GroupNorm: the CPU tests' comparisons, on CUDA.
+
+    python bench/gn_gpu_check.py [--batches 2 32] [--dtypes bf16 fp16 fp32] [--seed 0]
+
+For every distinct ResNet-50 norm shape (C, H, W at 224x224), each batch size, each dtype and each
+epilogue (plain, fused ReLU, fused residual-add + ReLU): fresh random inputs (x = 3*randn + 5,
+random gamma, beta, dy, residual; never zeros), the kernels' forward and all gradients (input,
+gamma, beta, residual) against torch.nn.functional.group_norm (+ add, ReLU) in float64 on the GPU.
+Also the spatial split forced to 7-row chunks at batch 2, and ChannelsLastGroupNorm under bf16
+autocast. Prints one table row per case and exits 1 on any mismatch (2 without a GPU).
+
+Error = max |kernel - float64| / max |float64| per tensor. Bounds (the CPU tests' bounds, looser for
+float32 and the parameter gradients, which sum up to 32*112*112 = 401k products here instead of <= 128):
+outputs (y, dx, d residual) float32 1e-4, float16 2e-3, bfloat16 1e-2 (a GPU rounds to nearest:
+2^-8 = 3.9e-3); dgamma, dbeta (float32) 1e-4 for every input dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+OUT_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+PARAM_BOUND = 1e-4
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EPILOGUES = {"plain": (None, False), "relu": ("relu", False), "residual": ("relu", True)}
+
+
+def rn50_shapes(image_size: int = 224) -> list[tuple[int, int, int]]:
+    from imnet import models
+    from imnet.models.resnet import norm_shapes
+
+    with torch.device("meta"):
+        model = models.build("resnet50", num_classes=1000, image_size=image_size, norm="bn")
+    return sorted({s[1:] for s in norm_shapes(model, image_size)})
+
+
+def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def check(n, c, h, w, dtype, epilogue, gen, rows_per_chunk=None, groups=32, dev="cuda") -> dict:
+    from imnet.kernels import group_norm as gnk
+    from imnet.kernels import reference
+
+    act, residual = EPILOGUES[epilogue]
+    cl = torch.channels_last
+    x = (3 * torch.randn(n, c, h, w, device=dev, generator=gen) + 5).to(dtype).contiguous(memory_format=cl)
+    weight = torch.randn(c, device=dev, generator=gen) * 0.5 + 1
+    bias = torch.randn(c, device=dev, generator=gen)
+    dy = torch.randn(n, c, h, w, device=dev, generator=gen).to(dtype).contiguous(memory_format=cl)
+    ins = [x, weight, bias]
+    if residual:
+        ins.append(torch.randn(n, c, h, w, device=dev, generator=gen).to(dtype).contiguous(memory_format=cl))
+    ins = [t.requires_grad_() for t in ins]
+    y = gnk.group_norm(ins[0], groups, ins[1], ins[2], 1e-5, act=act, residual=ins[3] if residual else None,
+                       rows_per_chunk=rows_per_chunk)
+    grads = torch.autograd.grad(y, ins, dy)
+    ref_ins = [t.detach().double().requires_grad_() for t in ins]
+    y64 = reference.group_norm(ref_ins[0], groups, ref_ins[1], ref_ins[2], 1e-5, act=act,
+                               residual=ref_ins[3] if residual else None)
+    grads64 = torch.autograd.grad(y64, ref_ins, dy.double())
+    errs = {"y": _err(y, y64)}
+    for name, g, g64 in zip(("dx", "dgamma", "dbeta", "dres"), grads, grads64):
+        errs[name] = _err(g, g64)
+    problems = []
+    if not (y.dtype == dtype and y.is_contiguous(memory_format=cl)):
+        problems.append(f"output {y.dtype}, channels_last={y.is_contiguous(memory_format=cl)}")
+    if not all(torch.isfinite(t).all() for t in (y, *grads)):
+        problems.append("non-finite values")
+    for name, e in errs.items():
+        bound = PARAM_BOUND if name in ("dgamma", "dbeta") else OUT_BOUND[dtype]
+        if not e <= bound:
+            problems.append(f"{name} {e:.1e} > {bound:.0e}")
+    p = gnk.plan(n, c, h * w, groups, gnk._sm_count(x.device), rows_per_chunk)
+    return {"errs": errs, "problems": problems, "chunks": p.chunks}
+
+
+def check_module_under_autocast(gen, dev="cuda") -> list[str]:
+    from imnet.kernels import ChannelsLastGroupNorm
+
+    m = ChannelsLastGroupNorm(32, 256, act="relu").to(dev)
+    x = (3 * torch.randn(2, 256, 14, 14, device=dev, generator=gen) + 5).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        y = m(x)
+    ref = torch.relu(F.group_norm(x.double(), 32, m.weight.double(), m.bias.double(), 1e-5))
+    problems = []
+    if y.dtype != torch.bfloat16 or type(y.grad_fn).__name__ != "GroupNormNHWCBackward":
+        problems.append(f"autocast: {y.dtype}, {type(y.grad_fn).__name__} (expected bf16 from the kernels)")
+    if _err(y, ref) > OUT_BOUND[torch.bfloat16]:
+        problems.append(f"autocast: y error {_err(y, ref):.1e}")
+    return problems
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[2, 32])
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: under TRITON_INTERPRET=1, only to try this script without a GPU (slow)")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gn_gpu_check: needs a CUDA GPU (the CPU tests are tests/test_gn_kernels.py)", file=sys.stderr)
+        return 2
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--device cpu needs TRITON_INTERPRET=1")
+    import triton
+
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)"
+    print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}")
+    print("| N | C | HxW | dtype | epilogue | chunks | y | dx | dgamma | dbeta | dres | result |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    failures = 0
+    cases = [(n, c, h, w, dt, ep, None) for n in args.batches for (c, h, w) in rn50_shapes()
+             for dt in args.dtypes for ep in EPILOGUES]
+    cases += [(2, c, h, w, dt, "residual", 7) for (c, h, w) in ((64, 56, 56), (2048, 7, 7)) for dt in args.dtypes]
+    for n, c, h, w, dt, ep, rows in cases:
+        r = check(n, c, h, w, DTYPES[dt], ep, gen, rows, dev=args.device)
+        e = r["errs"]
+        cols = " | ".join(f"{e[k]:.1e}" if k in e else "-" for k in ("y", "dx", "dgamma", "dbeta", "dres"))
+        ok = not r["problems"]
+        failures += not ok
+        print(f"| {n} | {c} | {h}x{w} | {dt} | {ep}{'' if rows is None else f' (rows {rows})'} | {r['chunks']} | "
+              f"{cols} | {'ok' if ok else 'FAIL: ' + '; '.join(r['problems'])} |", flush=True)
+    problems = check_module_under_autocast(gen, args.device)
+    for msg in problems:
+        print(f"FAIL: {msg}")
+    failures += len(problems)
+    print(f"{len(cases) + 1 - failures} / {len(cases) + 1} checks passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Forward + backward time of one norm layer: BN, native GN, torch.compile'd GN and imnet's GN.
+
+    python bench/norm_kernels.py [--batches 32 2] [--epilogue none|relu|residual] [--iters 50]
+                                 [--repeats 5] [--write]
+
+Every distinct ResNet-50 norm input shape (C, H, W at 224x224), channels-last bf16 activations with
+float32 parameters under bf16 autocast (as in training: native GN then runs in float32, which is
+part of its cost), at each batch size. One timed step is y = norm(x) then the gradients of x, gamma
+and beta for a random dy (torch.autograd.grad, so nothing accumulates). Timing: CUDA events around
+`--iters` steps after warm-up, `--repeats` times, the median per step; the methods alternate within
+each repeat so drift hits them alike.
+
+  bn         nn.BatchNorm2d (cuDNN), training mode
+  gn         nn.GroupNorm(32, C) (torch's kernel)
+  gn_compile torch.compile(nn.GroupNorm(32, C)) (Inductor's generated kernels)
+  imnet      imnet.kernels.ChannelsLastGroupNorm(32, C) (the Triton kernels)
+
+--epilogue relu times norm + ReLU (in place after bn/gn/gn_compile, fused in imnet); residual times
+relu(norm(x) + r) (gradient for r too), the end of a bottleneck block: whether fusing pays.
+
+Bandwidth: the bytes a fused norm must move at least, fwd read x + write y, bwd read x and dy +
+write dx (+ read r, write dr for residual), the per-group statistics being negligible, over imnet's
+time; against the device's copy bandwidth, 2 x bytes / time of `dst.copy_(src)` on 1 GiB. imnet's
+two-pass kernels actually read x (and dy) twice (stats then apply), so 100 % is out of reach when
+the second read misses L2 (tensors over ~50 MB on an H100).
+
+Prints a markdown table. --write appends the rows to BENCHMARKS.md below the line
+`<!-- norm_kernels rows -->` (the section must exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARKER = "<!-- norm_kernels rows -->"
+METHODS = ("bn", "gn", "gn_compile", "imnet")
+
+
+def rn50_shapes(image_size: int = 224) -> list[tuple[tuple[int, int, int], int]]:
+    """((C, H, W), how many of ResNet-50's 53 norm layers have that input shape)."""
+    from collections import Counter
+
+    from imnet import models
+    from imnet.models.resnet import norm_shapes
+
+    with torch.device("meta"):
+        model = models.build("resnet50", num_classes=1000, image_size=image_size, norm="bn")
+    counts = Counter(s[1:] for s in norm_shapes(model, image_size))
+    return sorted(counts.items())
+
+
+def copy_bandwidth(gib: float = 1.0, iters: int = 20) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    n = int(gib * 2**30) // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def make_step(method: str, c: int, epilogue: str, x, r, dy):
+    from imnet.kernels import ChannelsLastGroupNorm
+
+    if method == "bn":
+        m = nn.BatchNorm2d(c)
+    elif method in ("gn", "gn_compile"):
+        m = nn.GroupNorm(32, c)
+    else:
+        m = ChannelsLastGroupNorm(32, c, act=None if epilogue == "none" else "relu")
+    m = m.cuda().to(memory_format=torch.channels_last)
+    fused = method == "imnet"
+
+    def forward():
+        if fused:
+            return m(x, r) if epilogue == "residual" else m(x)
+        y = m(x)
+        if epilogue == "residual":
+            y = y + r
+        return torch.relu_(y) if epilogue != "none" else y
+
+    fwd = torch.compile(forward, dynamic=False) if method == "gn_compile" else forward
+    inputs = [x, *m.parameters()] + ([r] if epilogue == "residual" else [])
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fwd()
+        torch.autograd.grad(y, inputs, dy.to(y.dtype))
+
+    return step
+
+
+def time_steps(steps: dict, iters: int, repeats: int, warmup: int = 10) -> dict[str, float]:
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    torch.cuda.synchronize()
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / iters)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 2])
+    p.add_argument("--epilogue", choices=("none", "relu", "residual"), default="none")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--write", action="store_true", help=f"append the rows to BENCHMARKS.md below {MARKER}")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("norm_kernels: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    torch.backends.cudnn.benchmark = True
+    bw = copy_bandwidth()
+    gpu = torch.cuda.get_device_name()
+    head = (f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__} | "
+            f"{args.epilogue}")
+    print(f"# copy bandwidth {bw / 1e9:.0f} GB/s on {gpu}")
+    print("| date | GPU | versions | epilogue | N | C | HxW | layers | bn ms | gn ms | gn_compile ms | imnet ms "
+          "| imnet GB/s | imnet % copy BW | imnet / bn time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for n in args.batches:
+        for (c, h, w), count in rn50_shapes():
+            gen = torch.Generator(device="cuda").manual_seed(c * h + n)
+            cl = torch.channels_last
+            x = (3 * torch.randn(n, c, h, w, device="cuda", generator=gen) + 5).to(torch.bfloat16)
+            x = x.contiguous(memory_format=cl).requires_grad_()
+            dy = torch.randn(n, c, h, w, device="cuda", generator=gen).to(torch.bfloat16).contiguous(memory_format=cl)
+            r = None
+            if args.epilogue == "residual":
+                r = torch.randn(n, c, h, w, device="cuda", generator=gen).to(torch.bfloat16)
+                r = r.contiguous(memory_format=cl).requires_grad_()
+            torch._dynamo.reset()  # a fresh compile per shape (the cache is per code object, 8 entries)
+            steps = {m: make_step(m, c, args.epilogue, x, r, dy) for m in METHODS}
+            t = time_steps(steps, args.iters, args.repeats)
+            tensors = 5 + (2 if args.epilogue == "residual" else 0)
+            gbs = tensors * x.numel() * x.element_size() / t["imnet"]
+            row = (f"| {head} | {n} | {c} | {h}x{w} | {count} | " + " | ".join(f"{t[m] * 1e3:.3f}" for m in METHODS)
+                   + f" | {gbs / 1e9:.0f} | {100 * gbs / bw:.0f} % | {t['imnet'] / t['bn']:.2f} |")
+            print(row, flush=True)
+            rows.append(row)
+    if args.write:
+        path = os.path.join(ROOT, "BENCHMARKS.md")
+        with open(path) as f:
+            text = f.read()
+        if MARKER not in text:
+            print(f"--write: no {MARKER} line in {path}; add the section first", file=sys.stderr)
+            return 1
+        with open(path, "w") as f:
+            f.write(text.replace(MARKER, MARKER + "\n" + "\n".join(rows), 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

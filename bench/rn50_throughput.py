@@ -1,0 +1,130 @@
+"""ResNet-50 training throughput with BN, native GN and imnet's GN, same run, same card.
+
+    python bench/rn50_throughput.py [--batches 256 32] [--steps 30] [--warmup 10] [--rounds 3]
+                                    [--variants bn gn_native gn_imnet gn_imnet_unfused_add] [--write]
+
+Synthetic data already on the GPU (a fixed random batch of 224x224 images and labels): this times
+the model, not a loader. Each training step is what imnet's engine does on one GPU: bf16 autocast
+forward, cross-entropy, backward, SGD (momentum 0.9, weight decay 1e-4, lr 0.1), channels-last model
+and input, cuDNN autotune on. Variants (imnet.models.build("resnet50", ...), 32 groups for GN):
+
+  bn                    BatchNorm2d (cuDNN)
+  gn_native             model.gn_impl=native: torch's nn.GroupNorm
+  gn_imnet              model.gn_impl=triton: imnet's channels-last kernels, norm + ReLU fused, and
+                        the end of each block relu(norm(x) + identity) fused
+  gn_imnet_unfused_add  the same, but the residual add + ReLU left to PyTorch (does that fusion pay?)
+
+Throughput = images / second over `--steps` steps after `--warmup` (CUDA-synchronized wall clock).
+The variants alternate for `--rounds` rounds at each batch size; the median per variant is reported,
+with each GN variant's ratio to BN. Prints markdown rows; --write appends them to BENCHMARKS.md below
+the line `<!-- rn50_throughput rows -->` (the section must exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARKER = "<!-- rn50_throughput rows -->"
+VARIANTS = ("bn", "gn_native", "gn_imnet", "gn_imnet_unfused_add")
+
+
+def build(variant: str) -> torch.nn.Module:
+    from imnet import models
+    from imnet.models.resnet import fuse_norm_act
+
+    if variant == "bn":
+        model = models.build("resnet50", num_classes=1000, norm="bn")
+    else:
+        impl = "native" if variant == "gn_native" else "triton"
+        model = models.build("resnet50", num_classes=1000, norm="gn", norm_kwargs={"groups": 32, "impl": impl})
+        if variant == "gn_imnet_unfused_add":
+            fuse_norm_act(model, residual=False)
+    return model.cuda().to(memory_format=torch.channels_last)
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def images_per_second(step, batch: int, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[256, 32], help="images per GPU")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--write", action="store_true", help=f"append the rows to BENCHMARKS.md below {MARKER}")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("rn50_throughput: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if "bn" not in args.variants:
+        p.error("--variants must include bn (the ratios are to BN)")
+    import triton
+
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    head = f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__}"
+    models = {v: build(v) for v in args.variants}
+    print("| date | GPU | versions | images/GPU | variant | img/s (median of rounds) | / bn |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 1000, (batch,), device="cuda")
+        steps = {v: make_step(m, x, labels) for v, m in models.items()}
+        results = {v: [] for v in steps}
+        for _ in range(args.rounds):
+            for v, step in steps.items():
+                results[v].append(images_per_second(step, batch, args.steps, args.warmup))
+        med = {v: statistics.median(r) for v, r in results.items()}
+        for v in steps:
+            row = f"| {head} | {batch} | {v} | {med[v]:.0f} | {med[v] / med['bn']:.3f} |"
+            print(row, flush=True)
+            rows.append(row)
+        del x, labels, steps
+        torch.cuda.empty_cache()
+    if args.write:
+        path = os.path.join(ROOT, "BENCHMARKS.md")
+        with open(path) as f:
+            text = f.read()
+        if MARKER not in text:
+            print(f"--write: no {MARKER} line in {path}; add the section first", file=sys.stderr)
+            return 1
+        with open(path, "w") as f:
+            f.write(text.replace(MARKER, MARKER + "\n" + "\n".join(rows), 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

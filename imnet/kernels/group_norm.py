@@ -1,0 +1,458 @@
+"""Channels-last (NHWC) GroupNorm in Triton: forward, backward, fused ReLU and residual-add + ReLU.
+
+The input is an (N, C, H, W) tensor in channels_last memory format, i.e. an (N, HW, C) buffer whose
+rows are contiguous vectors of C channels. Group g of sample n is the CPG = C / G channels
+[g*CPG, (g+1)*CPG) of the HW rows of sample n. Statistics and accumulation are float32 whatever the
+input dtype (float32, bfloat16, float16); the output has the input's dtype and layout.
+
+Forward, three launches:
+  1. _fwd_stats   grid (N*S, C/BLOCK_C). Each program reads one spatial chunk of R rows of one
+                  sample for BLOCK_C channels, tile by tile, and writes per-channel (mean, M2) of the
+                  chunk. Within a tile: two passes in registers (mean, then sum of squared deviations
+                  from it); tiles are merged with Chan et al.'s formula. No E[x^2] - E[x]^2 anywhere.
+  2. _fwd_combine grid (N*G). Merges the S*CPG partials of a group (Chan again: pooled mean, then
+                  M2 = sum M2_i + sum n_i (mean_i - mean)^2) into mean and rstd, saved for backward.
+  3. _fwd_apply   grid (N*ceil(HW/BLOCK_HW), C/BLOCK_C): y = (x - mean) * (rstd*gamma) + beta over
+                  tiles of contiguous channel vectors (coalesced in NHWC), with the fused epilogue.
+
+Backward (mean_g is over the group's CPG channels x HW positions):
+  dx = rstd * (dy*gamma - mean_g(dy*gamma) - xhat * mean_g(dy*gamma*xhat)),  xhat = (x - mean) * rstd
+  dgamma_c = sum_{n,hw} dy*xhat,   dbeta_c = sum_{n,hw} dy
+  1. _bwd_reduce  same grid as _fwd_stats: per-channel, per-chunk sum(dy) and sum(dy*xhat), xhat
+                  recomputed from x and the saved mean/rstd (xhat is never stored). With a fused ReLU
+                  dy is masked first (see the epilogues below).
+  2. _bwd_combine grid (N*G): c1 = rstd*mean_g(gamma*dy), c2 = rstd^2*mean_g(gamma*dy*xhat).
+     dgamma, dbeta: a torch sum of the same partials over (n, chunk) (deterministic, no atomics).
+  3. _bwd_apply   same grid as _fwd_apply: dx = rstd*gamma*dy - c1 - c2*(x - mean).
+
+Epilogues (ACT): 0 none; 1 ReLU: y = relu(v), and backward recomputes v from x (already read) for
+the mask v > 0, so fusing costs no extra bytes; 2 residual + ReLU: y = relu(v + r), backward masks by
+the saved output y > 0 (y is the block output the next layer keeps anyway) and writes the masked
+gradient once, which is the residual's gradient and what _bwd_apply reads instead of dy.
+
+Memory traffic: forward reads x twice and writes y; backward reads x and dy twice and writes dx
+(3 and 5 tensor passes; the least possible is 2 and 3). The apply kernels walk their tiles in the reverse order of the
+reduction kernels, so their first reads hit what is still in L2; at 1-2 images per GPU the whole
+tensor fits in L2 (50 MB on an H100). Per-(chunk, channel) partials are float32, 8 bytes x C per
+chunk: small next to the tensor except for the 7x7 layers at N = 2, where everything is latency.
+
+Split heuristic (plan()): a GPU with `sms` SMs wants at least 2*sms programs. When the N * C/BLOCK_C
+(sample, channel block) pairs are fewer than that, e.g. N = 1-2 images per GPU, the spatial rows are
+cut into S chunks of R = floor(HW / ceil(2*sms / (N * C/BLOCK_C))) rows, so the reduction grid has
+>= 2*sms programs; otherwise S = 1. The apply kernels shrink their row tile until they have
+>= 2*sms programs too. Both hold for every ResNet-50 norm shape at N = 2 on an H100 (132 SMs), see
+tests/test_gn_kernels.py.
+
+Interpreter: `triton.jit` picks the CPU interpreter or the compiler when it decorates a function,
+from TRITON_INTERPRET at that moment. The kernels below are plain functions decorated on first use,
+once per mode (`_kernels()`), so what TRITON_INTERPRET says when the kernel runs decides, whatever
+was imported before.
+"""
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from imnet.kernels.reference import check_act
+
+TILE = 4096          # elements per (rows x channels) tile: 32 float32 registers per thread at 4 warps
+MAX_BLOCK_C = 128    # channels per program: 256 contiguous bytes of a bf16 row
+COMBINE_BLOCK = 1024
+
+ACT_CODES = {None: 0, "relu": 1, "residual_relu": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (plain functions: see "Interpreter" above).
+#
+# They use only Triton builtins. tl.sum and tl.zeros are themselves @triton.jit functions, decorated
+# when triton is imported, so under the interpreter they fail ("Cannot call @triton.jit'd outside
+# of the scope of a kernel") unless TRITON_INTERPRET was already set when triton was first imported,
+# which a test process cannot promise. tl.reduce(x, 0, _sum_combine) is what tl.sum does for floats,
+# and the interpreter recognizes that combine function and sums with numpy; tl.full replaces tl.zeros.
+# ---------------------------------------------------------------------------------------------
+
+_sum_combine = tl.standard._sum_combine
+
+def _fwd_stats(X, PART, HW, C, S, R, PLANE,
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)                      # n * S + s
+    n = pid // S
+    s = pid % S
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    r0 = s * R
+    r1 = tl.minimum(r0 + R, HW)
+    base = X + n.to(tl.int64) * HW * C
+    mean = tl.full([BLOCK_C], 0.0, tl.float32)
+    m2 = tl.full([BLOCK_C], 0.0, tl.float32)
+    for t in range(r0, r1, BLOCK_HW):
+        rows = t + tl.arange(0, BLOCK_HW)
+        mask = (rows < r1)[:, None] & cmask[None, :]
+        x = tl.load(base + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        nb = tl.minimum(r1 - t, BLOCK_HW).to(tl.float32)   # rows in this tile
+        na = (t - r0).to(tl.float32)                        # rows merged so far (full tiles)
+        mb = tl.reduce(x, 0, _sum_combine) / nb
+        d = tl.where(mask, x - mb[None, :], 0.0)
+        m2b = tl.reduce(d * d, 0, _sum_combine)
+        delta = mb - mean
+        w = nb / (na + nb)
+        mean += delta * w
+        m2 += m2b + delta * delta * (na * w)
+    out = PART + pid.to(tl.int64) * C + cols    # PART: (2, N*S, C), plane 0 mean, plane 1 M2
+    tl.store(out, mean, mask=cmask)
+    tl.store(out + PLANE, m2, mask=cmask)
+
+
+def _fwd_combine(PART, MEAN, RSTD, G, HW, C, S, R, CPG, PLANE, eps,
+                 BLOCK: tl.constexpr):
+    pid = tl.program_id(0)                      # n * G + g
+    n = pid // G
+    g = pid % G
+    K = S * CPG
+    total = (HW * 1.0) * CPG   # float32 (HW, CPG may be the constant 1)
+    base = PART + n.to(tl.int64) * S * C + g * CPG   # partial (s, j) at base + s*C + j
+    acc = tl.full([BLOCK], 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        m = k < K
+        s = k // CPG
+        cnt = tl.minimum(R, HW - s * R).to(tl.float32)
+        mu = tl.load(base + s * C + k % CPG, mask=m, other=0.0)
+        acc += tl.where(m, cnt * mu, 0.0)
+    mean = tl.reduce(acc, 0, _sum_combine) / total
+    acc = tl.full([BLOCK], 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        m = k < K
+        s = k // CPG
+        cnt = tl.minimum(R, HW - s * R).to(tl.float32)
+        off = s * C + k % CPG
+        mu = tl.load(base + off, mask=m, other=0.0)
+        m2 = tl.load(base + PLANE + off, mask=m, other=0.0)
+        d = mu - mean
+        acc += tl.where(m, m2 + cnt * d * d, 0.0)
+    var = tl.reduce(acc, 0, _sum_combine) / total
+    tl.store(MEAN + pid, mean)
+    tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
+
+
+def _fwd_apply(X, Y, RES, MEAN, RSTD, W, B, HW, C, G, CPG, HWB,
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
+    # Programs run in reverse order of _fwd_stats's: the data it read last, likeliest still in L2,
+    # is read first.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    n = pid // HWB
+    rows = (pid % HWB) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    cols = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (rows < HW)[:, None] & cmask[None, :]
+    grp = n * G + cols // CPG
+    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
+    a = tl.load(RSTD + grp, mask=cmask, other=0.0) * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    off = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
+    x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    v = (x - mean[None, :]) * a[None, :] + beta[None, :]
+    if ACT == 2:
+        v += tl.load(RES + off, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        v = tl.maximum(v, 0.0)
+    tl.store(Y + off, v.to(Y.dtype.element_ty), mask=mask)
+
+
+def _bwd_reduce(X, DY, Y, DR, MEAN, RSTD, W, B, PART, HW, C, G, CPG, S, R, PLANE,
+                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
+    pid = tl.program_id(0)                      # n * S + s
+    n = pid // S
+    s = pid % S
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    r0 = s * R
+    r1 = tl.minimum(r0 + R, HW)
+    grp = n * G + cols // CPG
+    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
+    if ACT == 1:
+        a = rstd * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    base = n.to(tl.int64) * HW * C
+    sdy = tl.full([BLOCK_C], 0.0, tl.float32)
+    sdyx = tl.full([BLOCK_C], 0.0, tl.float32)
+    for t in range(r0, r1, BLOCK_HW):
+        rows = t + tl.arange(0, BLOCK_HW)
+        mask = (rows < r1)[:, None] & cmask[None, :]
+        off = base + rows[:, None] * C + cols[None, :]
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 1:  # the forward's v, same expression: relu passed the gradient where v > 0
+            v = (x - mean[None, :]) * a[None, :] + beta[None, :]
+            dy = tl.where(v > 0.0, dy, 0.0)
+        if ACT == 2:
+            y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.where(y > 0.0, dy, 0.0)
+            tl.store(DR + off, dy.to(DR.dtype.element_ty), mask=mask)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        sdy += tl.reduce(dy, 0, _sum_combine)
+        sdyx += tl.reduce(dy * xhat, 0, _sum_combine)
+    out = PART + pid.to(tl.int64) * C + cols    # plane 0 sum(dy), plane 1 sum(dy*xhat)
+    tl.store(out, sdy, mask=cmask)
+    tl.store(out + PLANE, sdyx, mask=cmask)
+
+
+def _bwd_combine(PART, RSTD, W, C1, C2, G, HW, C, S, CPG, PLANE,
+                 BLOCK: tl.constexpr):
+    pid = tl.program_id(0)                      # n * G + g
+    n = pid // G
+    g = pid % G
+    K = S * CPG
+    base = PART + n.to(tl.int64) * S * C + g * CPG
+    a1 = tl.full([BLOCK], 0.0, tl.float32)
+    a2 = tl.full([BLOCK], 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        m = k < K
+        j = k % CPG
+        off = (k // CPG) * C + j
+        gamma = tl.load(W + g * CPG + j, mask=m, other=0.0).to(tl.float32)
+        a1 += gamma * tl.load(base + off, mask=m, other=0.0)
+        a2 += gamma * tl.load(base + PLANE + off, mask=m, other=0.0)
+    total = (HW * 1.0) * CPG   # float32 (HW, CPG may be the constant 1)
+    rstd = tl.load(RSTD + pid)
+    tl.store(C1 + pid, rstd * (tl.reduce(a1, 0, _sum_combine) / total))
+    tl.store(C2 + pid, rstd * rstd * (tl.reduce(a2, 0, _sum_combine) / total))
+
+
+def _bwd_apply(X, DY, DX, MEAN, RSTD, C1, C2, W, B, HW, C, G, CPG, HWB,
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)   # reverse order, see _fwd_apply
+    n = pid // HWB
+    rows = (pid % HWB) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    cols = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (rows < HW)[:, None] & cmask[None, :]
+    grp = n * G + cols // CPG
+    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
+    a = tl.load(RSTD + grp, mask=cmask, other=0.0) * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    c1 = tl.load(C1 + grp, mask=cmask, other=0.0)
+    c2 = tl.load(C2 + grp, mask=cmask, other=0.0)
+    off = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
+    x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 1:
+        beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        v = (x - mean[None, :]) * a[None, :] + beta[None, :]
+        dy = tl.where(v > 0.0, dy, 0.0)
+    dx = a[None, :] * dy - c1[None, :] - c2[None, :] * (x - mean[None, :])
+    tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET as Triton reads it: the kernels run on the CPU, in numpy."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def _jit(interpret: bool) -> dict:
+    del interpret  # the cache key: triton.jit reads TRITON_INTERPRET itself, now
+    fns = (_fwd_stats, _fwd_combine, _fwd_apply, _bwd_reduce, _bwd_combine, _bwd_apply)
+    return {f.__name__: triton.jit(f) for f in fns}
+
+
+def _kernels() -> dict:
+    return _jit(interpreting())
+
+
+def kernels_interpreted() -> bool:
+    """True when the kernels that would run now are the CPU interpreter's (for the tests)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_kernels()["_fwd_apply"], InterpretedFunction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plan.
+# ---------------------------------------------------------------------------------------------
+
+def _npow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    block_c: int         # channels per program, all kernels
+    rows: int            # R: rows per spatial chunk of _fwd_stats / _bwd_reduce
+    chunks: int          # S = ceil(HW / R); 1: no split
+    block_hw: int        # rows per tile of _fwd_stats / _bwd_reduce
+    apply_block_hw: int  # rows per tile of _fwd_apply / _bwd_apply
+    combine_block: int   # partials per step of the combine kernels
+    num_warps: int
+
+    def reduce_programs(self, n: int, c: int) -> int:
+        return n * self.chunks * triton.cdiv(c, self.block_c)
+
+    def apply_programs(self, n: int, c: int, hw: int) -> int:
+        return n * triton.cdiv(hw, self.apply_block_hw) * triton.cdiv(c, self.block_c)
+
+
+@functools.lru_cache(maxsize=1024)
+def plan(n: int, c: int, hw: int, groups: int, sms: int, rows_per_chunk: int | None = None) -> Plan:
+    """Block sizes and the spatial split for an (n, c, hw) input; see the module docstring.
+
+    rows_per_chunk forces the chunk size (the tests use it to exercise the split on small inputs).
+    """
+    block_c = min(_npow2(c), MAX_BLOCK_C)
+    cblocks = triton.cdiv(c, block_c)
+    target = 2 * sms
+    if rows_per_chunk is not None:
+        rows = max(1, min(rows_per_chunk, hw))
+    else:
+        want = triton.cdiv(target, n * cblocks)   # chunks per (sample, channel block)
+        rows = hw if want <= 1 else max(1, hw // want)
+    chunks = triton.cdiv(hw, rows)
+    block_hw = max(1, min(_npow2(rows), TILE // block_c))
+    apply_hw = max(1, min(_npow2(hw), TILE // block_c))
+    while apply_hw > 1 and n * triton.cdiv(hw, apply_hw) * cblocks < target:
+        apply_hw //= 2
+    combine = min(_npow2(chunks * (c // groups)), COMBINE_BLOCK)
+    tile = max(block_hw, apply_hw) * block_c
+    num_warps = 4 if tile >= 2048 else 2 if tile >= 512 else 1
+    return Plan(block_c, rows, chunks, block_hw, apply_hw, combine, num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another: fewest programs is fastest
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
+# ---------------------------------------------------------------------------------------------
+
+def _forward(x, weight, bias, groups, eps, act, residual, rows_per_chunk):
+    N, C, H, W = x.shape
+    HW, CPG = H * W, C // groups
+    p = plan(N, C, HW, groups, _sm_count(x.device), rows_per_chunk)
+    k = _kernels()
+    cblocks = triton.cdiv(C, p.block_c)
+    plane = N * p.chunks * C
+    part = torch.empty((2, N * p.chunks, C), device=x.device, dtype=torch.float32)
+    mean = torch.empty((N, groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    k["_fwd_stats"][(N * p.chunks, cblocks)](
+        x, part, HW, C, p.chunks, p.rows, plane,
+        BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, num_warps=p.num_warps)
+    k["_fwd_combine"][(N * groups,)](
+        part, mean, rstd, groups, HW, C, p.chunks, p.rows, CPG, plane, eps,
+        BLOCK=p.combine_block, num_warps=4)
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    hwb = triton.cdiv(HW, p.apply_block_hw)
+    k["_fwd_apply"][(N * hwb, cblocks)](
+        x, y, x if residual is None else residual, mean, rstd, weight, bias, HW, C, groups, CPG, hwb,
+        BLOCK_HW=p.apply_block_hw, BLOCK_C=p.block_c, ACT=ACT_CODES[act], num_warps=p.num_warps)
+    return y, mean, rstd, p
+
+
+def _backward(dy, x, y, weight, bias, mean, rstd, groups, act, p, need_dx, need_dparams, need_dr):
+    N, C, H, W = x.shape
+    HW, CPG = H * W, C // groups
+    k = _kernels()
+    cblocks = triton.cdiv(C, p.block_c)
+    plane = N * p.chunks * C
+    part = torch.empty((2, N * p.chunks, C), device=x.device, dtype=torch.float32)
+    code = ACT_CODES[act]
+    dr = torch.empty_like(x, memory_format=torch.channels_last) if code == 2 else None
+    k["_bwd_reduce"][(N * p.chunks, cblocks)](
+        x, dy, y if code == 2 else x, dr if code == 2 else x, mean, rstd, weight, bias, part,
+        HW, C, groups, CPG, p.chunks, p.rows, plane,
+        BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code, num_warps=p.num_warps)
+    dx = None
+    if need_dx:
+        c1 = torch.empty((N, groups), device=x.device, dtype=torch.float32)
+        c2 = torch.empty_like(c1)
+        k["_bwd_combine"][(N * groups,)](
+            part, rstd, weight, c1, c2, groups, HW, C, p.chunks, CPG, plane,
+            BLOCK=p.combine_block, num_warps=4)
+        dx = torch.empty_like(x, memory_format=torch.channels_last)
+        hwb = triton.cdiv(HW, p.apply_block_hw)
+        # With the residual epilogue, dr is the masked dy: read it instead of dy and y.
+        k["_bwd_apply"][(N * hwb, cblocks)](
+            x, dr if code == 2 else dy, dx, mean, rstd, c1, c2, weight, bias, HW, C, groups, CPG, hwb,
+            BLOCK_HW=p.apply_block_hw, BLOCK_C=p.block_c, ACT=1 if code == 1 else 0,
+            num_warps=p.num_warps)
+    dbeta = dgamma = None
+    if need_dparams:
+        dbeta, dgamma = part.sum(dim=1)  # sum over (n, chunk) of the partial sum(dy), sum(dy*xhat)
+    return dx, dgamma, dbeta, (dr if need_dr else None)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+class GroupNormNHWC(torch.autograd.Function):
+    """relu?(group_norm(x) (+ residual)) on channels-last x with the Triton kernels above.
+
+    Saves x, the (N, G) float32 mean and rstd, and (residual epilogue only) the output y.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, groups, eps, act, rows_per_chunk):
+        C = x.shape[1]
+        w = weight if weight is not None else torch.ones(C, device=x.device, dtype=torch.float32)
+        b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=torch.float32)
+        code = "residual_relu" if residual is not None else act
+        y, mean, rstd, p = _forward(x, w.detach(), b.detach(), groups, eps, code, residual, rows_per_chunk)
+        ctx.save_for_backward(x, w, b, mean, rstd, y if residual is not None else None)
+        ctx.groups, ctx.act, ctx.plan = groups, code, p
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, b, mean, rstd, y = ctx.saved_tensors
+        need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
+        if not (need_dx or need_dw or need_db or need_dr):
+            return (None,) * 8
+        need_dparams = (need_dw and ctx.has_weight) or (need_db and ctx.has_bias)
+        dx, dw, db, dr = _backward(_channels_last(dy), x, y, w.detach(), b.detach(), mean, rstd,
+                                   ctx.groups, ctx.act, ctx.plan, need_dx, need_dparams, need_dr)
+        dw = dw.to(w.dtype) if need_dw and ctx.has_weight else None
+        db = db.to(b.dtype) if need_db and ctx.has_bias else None
+        return dx, dw, db, dr, None, None, None, None
+
+
+# Not traced by Dynamo: under model.compile each norm is a graph break and runs these kernels eagerly.
+# Tracing the launches into the graph (torch.library.triton_op) is not verified yet.
+@torch.compiler.disable
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, act: str | None = None,
+               residual: torch.Tensor | None = None, rows_per_chunk: int | None = None) -> torch.Tensor:
+    """relu?(group_norm(x) (+ residual)) for a channels-last (N, C, H, W) float32/bf16/fp16 tensor.
+
+    act: None or "relu"; residual (same shape, needs act="relu"): relu(group_norm(x) + residual).
+    The output is channels-last in x's dtype. rows_per_chunk forces the spatial split (tests).
+    """
+    check_act(act, residual)
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"group_norm: expected a channels-last 4-D tensor, got shape {tuple(x.shape)} "
+                         f"with strides {x.stride()}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"group_norm: float32, bfloat16 or float16 input, got {x.dtype}")
+    C = x.shape[1]
+    if num_groups <= 0 or C % num_groups:
+        raise ValueError(f"group_norm: {num_groups} groups do not divide {C} channels")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != (C,):
+            raise ValueError(f"group_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"group_norm: residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
+        # A copy only if it is not already like x (autograd casts the gradient back).
+        residual = _channels_last(residual.to(x.dtype))
+    return GroupNormNHWC.apply(x, weight, bias, residual, num_groups, float(eps), act, rows_per_chunk)

@@ -1,0 +1,350 @@
+"""The channels-last Triton GroupNorm (imnet.kernels), run on the CPU by Triton's interpreter.
+
+Every comparison is against torch.nn.functional.group_norm in float64 on the same data (the input
+already rounded to its dtype), for the output and every gradient. Inputs are x = 3*randn + 5 (a
+non-zero mean and a non-unit scale catch an unstable variance), random gamma/beta and dy.
+
+Error = max |kernel - float64| / max |float64|, per tensor. Measured on this interpreter (torch 2.14.1,
+triton 3.8.0), worst over the cases below (and a wider 117-case sweep) -> bound set here:
+  float32  outputs (y, dx, d residual)  2.2e-7             -> 1e-5
+  float16  outputs                      4.7e-4             -> 2e-3   (fp16 rounding: 2^-11 = 4.9e-4)
+  bfloat16 outputs                      6.3e-3 (7.5e-3)    -> 1.5e-2 (the interpreter TRUNCATES
+                                        float32 -> bf16: 1 ulp = 2^-7 = 7.8e-3; a GPU rounds to
+                                        nearest, half that)
+  dgamma, dbeta (float32 parameters), any input dtype: 3.0e-7 -> 1e-5: statistics and accumulation
+  are float32 whatever the input dtype.
+TRITON_INTERPRET=1 is set per test (the autouse fixture), not at import for the whole process:
+pytest imports every test file before running any, so a process-wide TRITON_INTERPRET=1 would send
+every other test's ChannelsLastGroupNorm (and their subprocesses, which inherit the environment)
+through the interpreter. imnet.kernels decorates its kernels on first use in each mode, so it does not
+matter who imported imnet.norm / imnet.kernels first.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imnet import config, models, norm
+from imnet.kernels import ChannelsLastGroupNorm, kernel_applies, reference
+from imnet.kernels import group_norm as gnk
+from imnet.models.resnet import Bottleneck, fuse_norm_act, norm_shapes
+
+OUT_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+PARAM_BOUND = 1e-5
+DTYPES = list(OUT_BOUND)
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert gnk.kernels_interpreted()
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _data(n, c, h, w, dtype, seed, residual=False):
+    g = torch.Generator().manual_seed(seed)
+    x = _cl((3 * torch.randn(n, c, h, w, generator=g) + 5).to(dtype))
+    weight = torch.randn(c, generator=g) * 0.5 + 1
+    bias = torch.randn(c, generator=g)
+    dy = _cl(torch.randn(n, c, h, w, generator=g).to(dtype))
+    r = _cl(torch.randn(n, c, h, w, generator=g).to(dtype)) if residual else None
+    return x, weight, bias, dy, r
+
+
+def _err(got, ref):
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _check(n, c, h, w, groups, dtype, act=None, residual=False, rows_per_chunk=None, seed=0, module=False):
+    """Kernel forward + backward vs float64 F.group_norm (+ add, ReLU); returns the errors."""
+    x, weight, bias, dy, r = _data(n, c, h, w, dtype, seed, residual)
+    ins = [t.clone().requires_grad_() for t in (x, weight, bias) + ((r,) if residual else ())]
+    if module:
+        m = ChannelsLastGroupNorm(groups, c, act=act)
+        with torch.no_grad():
+            m.weight.copy_(weight), m.bias.copy_(bias)
+        ins[1:3] = [m.weight, m.bias]
+        y = m(ins[0], ins[3] if residual else None)
+    else:
+        y = gnk.group_norm(ins[0], groups, ins[1], ins[2], 1e-5, act=act,
+                           residual=ins[3] if residual else None, rows_per_chunk=rows_per_chunk)
+    assert type(y.grad_fn).__name__ == "GroupNormNHWCBackward"  # the kernels ran, not the fallback
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    grads = torch.autograd.grad(y, ins, dy)
+
+    ref_ins = [t.detach().double().requires_grad_() for t in ins]
+    y64 = reference.group_norm(ref_ins[0], groups, ref_ins[1], ref_ins[2], 1e-5, act=act,
+                               residual=ref_ins[3] if residual else None)
+    grads64 = torch.autograd.grad(y64, ref_ins, dy.double())
+
+    errs = {"y": _err(y, y64)}
+    for name, g, g64 in zip(("dx", "dgamma", "dbeta", "dresidual"), grads, grads64):
+        assert g.dtype == (torch.float32 if name in ("dgamma", "dbeta") else dtype)
+        errs[name] = _err(g, g64)
+    for name, e in errs.items():
+        bound = PARAM_BOUND if name in ("dgamma", "dbeta") else OUT_BOUND[dtype]
+        assert e <= bound, f"{name}: relative error {e:.2e} > {bound:.0e} ({dtype}, {errs})"
+    return errs
+
+
+# Every ResNet-50 norm width with a small spatial size, then odd sizes and groups from 1 to C.
+RN50 = [(2, 64, 8, 8, 32), (1, 128, 4, 4, 32), (2, 256, 4, 4, 32), (1, 512, 2, 2, 32),
+        (2, 1024, 2, 2, 32), (1, 2048, 1, 1, 32), (2, 2048, 2, 2, 32)]
+ODD = [(2, 64, 7, 7, 32), (1, 24, 3, 5, 4), (2, 32, 4, 4, 1), (2, 32, 4, 4, 2), (2, 32, 4, 4, 32),
+       (1, 2048, 1, 1, 1), (1, 6, 5, 3, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", RN50, ids=str)
+def test_resnet50_widths(shape, dtype):
+    _check(*shape, dtype)
+
+
+@pytest.mark.parametrize("shape", ODD, ids=str)
+def test_odd_sizes_and_groups_1_to_c(shape):
+    _check(*shape, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_odd_sizes_half(dtype):
+    _check(2, 64, 7, 7, 32, dtype)
+    _check(1, 24, 3, 5, 4, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 64, 8, 8, 32), (1, 256, 3, 5, 32), (1, 2048, 1, 1, 32), (1, 24, 7, 7, 4)],
+                         ids=str)
+def test_fused_relu(shape, dtype):
+    _check(*shape, dtype, act="relu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 256, 4, 4, 32), (1, 64, 7, 7, 32), (1, 2048, 1, 1, 32), (1, 24, 3, 5, 4)],
+                         ids=str)
+def test_fused_residual_relu(shape, dtype):
+    _check(*shape, dtype, act="relu", residual=True)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("act, residual", [(None, False), ("relu", False), ("relu", True)])
+def test_spatial_split_path(rows, act, residual):
+    """A forced chunk size: 7x7 = 49 rows in chunks of 1, 3 (the last holds 1) or 16."""
+    p = gnk.plan(2, 64, 49, 32, 1, rows)
+    assert p.chunks == -(-49 // rows) > 1
+    _check(2, 64, 7, 7, 32, torch.float32, act, residual, rows_per_chunk=rows)
+    if rows == 3:
+        _check(2, 64, 7, 7, 32, torch.bfloat16, act, residual, rows_per_chunk=rows)
+
+
+def test_split_and_unsplit_agree():
+    x, weight, bias, _, _ = _data(1, 128, 7, 7, torch.float32, 3)
+    one = gnk.group_norm(x, 32, weight, bias, rows_per_chunk=49)
+    assert gnk.plan(1, 128, 49, 32, 1, 49).chunks == 1
+    for rows in (1, 5, 48):
+        torch.testing.assert_close(gnk.group_norm(x, 32, weight, bias, rows_per_chunk=rows), one,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_stable_statistics_with_a_large_mean():
+    """x = randn + 300 in float32: E[x^2] - E[x]^2 in float32 loses the variance (shown below)."""
+    g = torch.Generator().manual_seed(5)
+    x = _cl(torch.randn(1, 32, 8, 8, generator=g) + 300)
+    y = gnk.group_norm(x, 4)
+    y64 = F.group_norm(x.double(), 4)
+    assert _err(y, y64) <= 1e-4
+    # Negative control: the naive one-pass variance in float32 is far off on the same data.
+    xs = x.reshape(1, 4, -1)
+    naive_var = (xs * xs).mean(-1) - xs.mean(-1) ** 2
+    assert ((naive_var.double() - xs.double().var(-1, unbiased=False)).abs() > 0.01).any()
+
+
+def test_saved_statistics_are_float32_mean_and_rstd():
+    x, _, _, _, _ = _data(2, 64, 5, 5, torch.bfloat16, 1)
+    y, mean, rstd, p = gnk._forward(x, torch.ones(64), torch.zeros(64), 32, 1e-5, None, None, 7)
+    var, mu = torch.var_mean(x.double().reshape(2, 32, -1), dim=-1, unbiased=False)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (2, 32)
+    torch.testing.assert_close(mean.double(), mu, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rstd.double(), (var + 1e-5).rsqrt(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grads", ["x", "params", "none"])
+def test_partial_requires_grad(grads):
+    x, weight, bias, dy, _ = _data(2, 32, 3, 3, torch.float32, 2)
+    x.requires_grad_(grads == "x")
+    weight.requires_grad_(grads == "params")
+    bias.requires_grad_(grads == "params")
+    y = gnk.group_norm(x, 8, weight, bias)
+    if grads == "none":
+        assert not y.requires_grad
+        return
+    ins = [x] if grads == "x" else [weight, bias]
+    got = torch.autograd.grad(y, ins, dy)
+    ref_ins = [t.detach().clone().requires_grad_() for t in ins]
+    xr, wr, br = (ref_ins[0], weight, bias) if grads == "x" else (x, *ref_ins)
+    want = torch.autograd.grad(F.group_norm(xr, 8, wr, br), ref_ins, dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_no_affine():
+    x, _, _, dy, _ = _data(1, 16, 4, 4, torch.float32, 4)
+    m = ChannelsLastGroupNorm(4, 16, affine=False)
+    xi = x.clone().requires_grad_()
+    y = m(xi)
+    (gx,) = torch.autograd.grad(y, xi, dy)
+    xr = x.clone().requires_grad_()
+    yr = F.group_norm(xr, 4)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, torch.autograd.grad(yr, xr, dy)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_module_uses_the_kernels_for_channels_last_and_falls_back_otherwise(monkeypatch):
+    errs = _check(2, 64, 4, 4, 32, torch.float32, act="relu", residual=True, module=True)
+    assert max(errs.values()) < 1e-5
+    m = ChannelsLastGroupNorm(8, 16)
+    x = torch.randn(2, 16, 4, 4) * 3 + 5
+    assert not kernel_applies(x)  # NCHW: native GroupNorm, no copies
+    assert kernel_applies(_cl(x)) and not kernel_applies(_cl(x).double())
+    y = m(x)
+    assert type(y.grad_fn).__name__ == "NativeGroupNormBackward0"
+    torch.testing.assert_close(y, F.group_norm(x, 8, m.weight, m.bias))
+    monkeypatch.delenv("TRITON_INTERPRET")  # plain CPU: the reference path, even channels-last
+    assert not kernel_applies(_cl(x))
+    assert type(m(_cl(x)).grad_fn).__name__ == "NativeGroupNormBackward0"
+
+
+def test_bad_arguments():
+    x = _cl(torch.randn(1, 8, 2, 2))
+    with pytest.raises(ValueError, match="channels-last"):
+        gnk.group_norm(x.contiguous(), 2)
+    with pytest.raises(ValueError, match="3 groups do not divide 8"):
+        gnk.group_norm(x, 3)
+    with pytest.raises(ValueError, match="act='relu'"):
+        gnk.group_norm(x, 2, residual=x)
+    with pytest.raises(ValueError, match="act must be"):
+        ChannelsLastGroupNorm(2, 8, act="gelu")
+
+
+# --- launch plan: the split fills an H100 at 1-2 images per GPU ---------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _rn50_shapes():
+    with torch.device("meta"):
+        model = models.build("resnet50", num_classes=1000, norm="bn")
+    shapes = norm_shapes(model, 224)
+    assert len(shapes) == 53
+    return sorted({s[1:] for s in shapes})
+
+
+def test_plan_fills_an_h100_with_two_images():
+    shapes = _rn50_shapes()
+    assert len(shapes) == 12
+    for c, h, w in shapes:
+        p = gnk.plan(2, c, h * w, 32, 132)
+        assert p.reduce_programs(2, c) >= 2 * 132, (c, h, w, p)
+        assert p.apply_programs(2, c, h * w) >= 2 * 132, (c, h, w, p)
+        assert p.chunks > 1  # N * C/128 < 264 for every layer at N = 2: always split
+        assert gnk.plan(32, c, h * w, 32, 132).reduce_programs(32, c) >= 2 * 132
+        big = gnk.plan(256, c, h * w, 32, 132)  # 256 images fill the GPU (almost) without a split
+        assert big.chunks <= 2
+
+
+# --- registry, config, models ----------------------------------------------------------------
+
+def test_make_returns_the_module_with_the_native_state_dict():
+    m = norm.make("gn", 64, groups=32, impl="triton")
+    assert type(m) is ChannelsLastGroupNorm and m.num_groups == 32 and m.act is None and norm.is_norm(m)
+    assert type(norm.make("gn", 64, impl="auto")) is ChannelsLastGroupNorm  # Triton imports here
+    assert type(norm.make("ln", 64, impl="triton")) is ChannelsLastGroupNorm
+    assert type(norm.make("gn", 64)) is nn.GroupNorm and type(norm.make("gn", 64, impl="native")) is nn.GroupNorm
+    assert m.state_dict().keys() == nn.GroupNorm(32, 64).state_dict().keys()
+    m.load_state_dict(nn.GroupNorm(32, 64).state_dict(), strict=True)
+    assert config.ModelCfg().gn_impl == "auto"
+    with pytest.raises(config.ConfigError, match="model.gn_impl"):
+        config.load(None, ["model.gn_impl=cuda"])
+
+
+def _fused_norms(model):
+    return [m for m in model.modules() if isinstance(m, ChannelsLastGroupNorm) and m.act == "relu"]
+
+
+def test_resnet50_fuses_norm_relu_and_keeps_checkpoints_loadable(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")  # whole models: the CPU reference path
+    cfg = config.load(None, ["model.arch=resnet50", "model.gn_impl=triton", "model.gn_groups=8"])
+    info = type("Info", (), {"num_classes": 7, "in_channels": 3, "image_size": 16})
+    torch.manual_seed(0)
+    fused = models.from_config(cfg.model, info)
+    blocks = [m for m in fused.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 16 and all(b.fused for b in blocks)
+    # stem + (bn1, bn2, bn3) of each block fuse; the 4 downsample norms do not
+    assert len(_fused_norms(fused)) == 1 + 3 * 16 and isinstance(fused.relu, nn.Identity)
+    torch.manual_seed(0)
+    native = models.build("resnet50", num_classes=7, image_size=16, norm="gn", norm_kwargs={"groups": 8})
+    assert not any(getattr(b, "fused", False) for b in native.modules())
+    assert fused.state_dict().keys() == native.state_dict().keys()
+    fused.load_state_dict(native.state_dict(), strict=True)
+    bn = models.build("resnet50", num_classes=7, image_size=16, norm="bn")
+    assert not any(getattr(b, "fused", False) for b in bn.modules()) and isinstance(bn.relu, nn.ReLU)
+
+
+def test_resnet50_gn_impl_triton_trains_a_step_like_native(monkeypatch):
+    """On the CPU the fused model computes exactly what the native one does (reference path)."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    torch.manual_seed(0)
+    native = models.build("resnet50", num_classes=7, image_size=16, norm="gn", norm_kwargs={"groups": 8})
+    with torch.no_grad():  # non-trivial gammas: zero-init would hide the last norm of each block
+        for m in native.modules():
+            if norm.is_norm(m):
+                m.weight.normal_(1, 0.5)
+                m.bias.normal_(0, 0.5)
+    fused = models.build("resnet50", num_classes=7, image_size=16, norm="gn",
+                         norm_kwargs={"groups": 8, "impl": "triton"})
+    fused.load_state_dict(native.state_dict())
+    x = _cl(torch.randn(2, 3, 16, 16))
+    labels = torch.tensor([1, 4])
+    losses = []
+    for model in (native, fused):
+        model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == losses[1]
+    for a, b in zip(native.parameters(), fused.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_fused_bottleneck_runs_the_kernels_like_the_unfused_block(residual):
+    """One ResNet-50 bottleneck (64 -> 16 -> 64 channels, 4x4) through the interpreter's kernels."""
+    torch.manual_seed(0)
+    make = functools.partial(ChannelsLastGroupNorm, 8)
+    block = Bottleneck(64, 16, norm_layer=make)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.normal_(1, 0.5)
+                m.bias.normal_(0, 0.5)
+    ref = Bottleneck(64, 16, norm_layer=functools.partial(nn.GroupNorm, 8))
+    ref.load_state_dict(block.state_dict())
+    fuse_norm_act(block, residual=residual)
+    assert block.fused and block.bn1.act == block.bn2.act == "relu"
+    assert block.bn3.act == ("relu" if residual else None)
+    block.to(memory_format=torch.channels_last)
+    ref.to(memory_format=torch.channels_last)
+    x = _cl(torch.randn(2, 64, 4, 4) * 2 + 1)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ys = [block(xs[0]), ref(xs[1])]
+    torch.testing.assert_close(ys[0], ys[1], atol=1e-4, rtol=1e-4)
+    dy = torch.randn_like(ys[0])
+    g0 = torch.autograd.grad(ys[0], [xs[0], *block.parameters()], dy)
+    g1 = torch.autograd.grad(ys[1], [xs[1], *ref.parameters()], dy)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
