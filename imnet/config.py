@@ -11,6 +11,7 @@ fall inside the run) live in `Config._check`. The resolved tree is saved with ev
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal, Optional
 
 import yaml
@@ -55,7 +56,9 @@ class ModelCfg(Section):
     norm: Literal["bn", "syncbn", "gn", "ln", "in", "none"] = "gn"
     gn_groups: int = Field(32, gt=0)
     gn_channels_per_group: Optional[int] = Field(None, gt=0)  # wins over gn_groups when set
-    gn_impl: Literal["native"] = "native"
+    # GroupNorm for gn/ln/in: triton = imnet.kernels' channels-last kernels on CUDA (native math on
+    # the CPU); auto = triton where Triton imports, else native (torch's nn.GroupNorm).
+    gn_impl: Literal["auto", "triton", "native"] = "auto"
     norm_eps: float = Field(1e-5, gt=0)
     zero_init_last: bool = True    # gamma = 0 in the last norm of each residual block
     channels_last: bool = False
@@ -87,7 +90,17 @@ class PrecisionCfg(Section):
 
 
 class DistCfg(Section):
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    # auto: nccl on GPU, gloo on CPU. deepspeed: the DeepSpeed engine (pip install ".[deepspeed]") over
+    # the same process group (nccl on GPU, gloo on CPU) instead of DDP.
+    backend: Literal["auto", "gloo", "nccl", "deepspeed"] = "auto"
+    zero_stage: int = Field(0, ge=0, le=3, strict=True)  # deepspeed only: ZeRO stage 0-3
+    # deepspeed only: deep-merged over the DeepSpeed JSON imnet generates from this config (see
+    # engine.deepspeed_config), e.g. {"zero_optimization": {"overlap_comm": true}}. Free-form on purpose:
+    # it is DeepSpeed's own schema, checked by DeepSpeed when the engine starts (its sections reject
+    # unknown keys; its top level ignores them). A value contradicting what imnet derives from its own
+    # keys (batch sizes, accumulation, clipping, ZeRO stage, bf16/fp16) or an optimizer/scheduler is an
+    # error naming the imnet key to set instead.
+    deepspeed_config: dict[str, Any] = {}
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_s: int = Field(1800, gt=0)
     sync_bn_stats: bool = True       # average BN running stats over ranks before evaluating/saving
@@ -138,6 +151,14 @@ class Config(Section):
             raise ValueError("optim.milestones: only used by optim.schedule=step")
         if self.optim.warmup_epochs >= self.run.epochs:
             raise ValueError(f"optim.warmup_epochs: {self.optim.warmup_epochs} is not shorter than run.epochs={self.run.epochs}")
+        ds = self.dist
+        if ds.backend != "deepspeed":  # DeepSpeed-only keys set for DDP would be silently ignored
+            if ds.zero_stage:
+                raise ValueError(f"dist.zero_stage: {ds.zero_stage} is only used by dist.backend=deepspeed")
+            if ds.deepspeed_config:
+                raise ValueError("dist.deepspeed_config: only used by dist.backend=deepspeed")
+        elif self.model.compile:
+            raise ValueError("model.compile: not supported with dist.backend=deepspeed (use the DDP backends)")
         r = self.ckpt.resume
         if r not in ("auto", "never") and not os.path.isfile(r):
             raise ValueError(f"ckpt.resume: {r!r} is neither auto, never nor an existing checkpoint file")
@@ -164,6 +185,21 @@ def _format(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as booleans, which
+    would turn `precision.amp: off` into False."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def _set(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -183,7 +219,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key or key.strip() != key:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
         _set(tree, key, value)
@@ -213,7 +249,7 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None, base
         if not os.path.isfile(path):
             raise ConfigError(f"--config: no such file {path!r}")
         with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = _yaml(f.read()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
         tree = _merge(tree, loaded)

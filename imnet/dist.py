@@ -82,7 +82,10 @@ def setup(cfg) -> Dist:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    # deepspeed is an engine, not a process-group backend: it runs over the group made here (DeepSpeed
+    # reuses an initialized torch.distributed group), nccl on GPU, gloo on CPU like auto.
+    deepspeed = cfg.backend == "deepspeed"
+    backend = cfg.backend if cfg.backend not in ("auto", "deepspeed") else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise RuntimeError("dist.backend=nccl needs CUDA tensors; use gloo (or auto) on the CPU")
     if world > 1:
@@ -90,6 +93,12 @@ def setup(cfg) -> Dist:
             tdist.init_process_group(backend, rank=rank, world_size=world,
                                      timeout=datetime.timedelta(seconds=cfg.timeout_s),
                                      device_id=device if device.type == "cuda" else None)
+    elif deepspeed:
+        # DeepSpeed needs a process group even for one process (without one it goes looking for MPI):
+        # a one-rank group on an in-process store, no port.
+        if not tdist.is_initialized():
+            tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1,
+                                     timeout=datetime.timedelta(seconds=cfg.timeout_s))
     else:
         backend = None
     return Dist(rank, world, local_rank, device, backend, launcher)

@@ -23,7 +23,10 @@ from imnet.log import Logger
 
 class StopRequest:
     """SIGTERM / SIGUSR1 / SIGUSR2 only set a flag; the loop all-reduces it, so every rank stops after
-    the same step, and the checkpoint is written by the loop, never inside the handler."""
+    the same step, and the checkpoint is written by the loop, never inside the handler.
+    `StopRequest.signum`: the last such signal this process got (launch/submit.py requeues on SIGUSR2)."""
+
+    signum = None
 
     def __init__(self):
         self.requested = False
@@ -32,6 +35,7 @@ class StopRequest:
 
     def _set(self, signum, frame):
         self.requested = True
+        StopRequest.signum = signum
 
 
 def seed_all(seed: int, deterministic: bool) -> None:
@@ -75,7 +79,7 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
     seed_all(cfg.run.seed, cfg.run.deterministic)
     data = data_mod.build(cfg, d)
     model = models.from_config(cfg.model, data.info)
-    eng = engine.build(cfg, model, d)
+    eng = engine.build(cfg, model, d, run_dir)
     ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.ckpt.keep, d.is_main)
 
     accum = cfg.optim.accum_steps
@@ -90,8 +94,7 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
     step = epoch = pos = bad_in_row = 0             # pos: optimizer steps done in this epoch
     resume_path = ckpt.find_resume(cfg.ckpt.resume)
     if resume_path:
-        state = checkpoint.load(resume_path)
-        eng.load_state_dict(state)
+        state = eng.load(resume_path)  # every rank (DeepSpeed reads its shards on each)
         step, epoch, pos, bad_in_row = state["step"], state["epoch"], state["pos"], state["bad_in_row"]
         checkpoint.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
 
@@ -112,13 +115,14 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
     def save() -> None:
         sync_bn()
         rngs = dist.all_gather_object(checkpoint.rng_state())
-        ckpt.save({**eng.state_dict(), "step": step, "epoch": epoch, "pos": pos, "bad_in_row": bad_in_row,
-                   "rng": rngs, "config": config.to_dict(cfg), "world": d.world}, step)
+        eng.save(ckpt, {"step": step, "epoch": epoch, "pos": pos, "bad_in_row": bad_in_row,  # every rank
+                        "rng": rngs, "config": config.to_dict(cfg), "world": d.world}, step)
         dist.barrier()
 
     def validate() -> dict:
         sync_bn()
-        res = evaluate(eng.module, data.val, d.device, cfg.precision.amp)
+        with eng.eval_module() as net:  # eng.module (DeepSpeed ZeRO-3: a copy with the gathered weights)
+            res = evaluate(net, data.val, d.device, cfg.precision.amp)
         res["step"] = step
         log.log(split="val", epoch=epoch, **res)
         log.print(f"epoch {epoch} step {step}: val loss {res['loss']:.4f} top1 {res['top1']:.4f} "

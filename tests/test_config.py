@@ -78,3 +78,12 @@ def test_shipped_configs_validate():
     assert files
     for f in files:
         config.load(f)
+
+
+def test_yaml_1_1_words_stay_strings(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("precision:\n  amp: off\nrun:\n  deterministic: true\n")
+    cfg = config.load(str(p), ["run.name=no", "model.channels_last=True"])
+    assert cfg.precision.amp == "off" and cfg.run.deterministic is True
+    assert cfg.run.name == "no" and cfg.model.channels_last is True
+    assert config.load(None, ["precision.amp=off"]).precision.amp == "off"
