@@ -1,0 +1,359 @@
+"""launch/submit.py and slurm/ on a real two-node Slurm cluster started by slurm/local/start.sh.
+
+The first test that needs it starts the cluster (munged, slurmctld, two slurmd) in its own network
+namespace; it is stopped after the last test here, killing only what it started. Every Slurm
+client and every submission runs inside that namespace. Jobs are 2 CPU ranks (one per node) of
+tiny synthetic runs.
+--dry-run, --local and the option errors run without Slurm: fake Slurm commands first on PATH
+record any call, and the tests check none happened.
+"""
+
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, child_env, isolated, metrics, run
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+SUBMIT = [sys.executable, os.path.join(ROOT, "launch", "submit.py")]
+NETNS = "imnet-slurm-test"            # not the default `imnet-slurm`: a developer's cluster may be up
+CPU_TASKS = ["--gpus-per-node", "0", "--tasks-per-node", "1"]
+TINY = {"data": {"name": "synthetic", "synthetic_size": 260, "image_size": 16, "batch_size": 8},
+        "model": {"gn_groups": 8}, "log": {"progress": False}}
+# resnet18 makes a step slow enough (~0.1-0.5 s) to signal a run mid-way; 2 ranks x 8 images:
+# 16 steps per epoch, 32 in all; deterministic so that runs can be compared loss for loss
+SLOW = ["model.arch=resnet18", "run.epochs=2", "log.every_steps=1", "run.deterministic=true"]
+STEPS = 32
+
+
+class Cluster:
+    def __init__(self, folder):
+        self.folder = str(folder)
+        self.env = child_env(SLURM_CONF=os.path.join(self.folder, "slurm.conf"), PYTHON=sys.executable,
+                             PATH=os.path.join(ROOT, "slurm", "local", "bin") + os.pathsep + os.environ["PATH"])
+        for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+            self.env.pop(k, None)
+
+    def ns(self, *cmd) -> list:
+        return ["ip", "netns", "exec", NETNS, *cmd]
+
+    def run(self, *cmd, timeout=500, check=True, cwd=ROOT):
+        return run(self.ns(*cmd), env=self.env, timeout=timeout, check=check, cwd=cwd)
+
+    def job(self, job_id: str) -> dict:
+        """`scontrol show job -o` as a dict (the job's first record)."""
+        line = self.run("scontrol", "show", "job", "-o", job_id).stdout.splitlines()[0]
+        return dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+
+    def finished(self, job_id: str, timeout=400) -> dict:
+        """Wait until Slurm has ended the job (results can be written while it is still COMPLETING)."""
+        deadline = time.time() + timeout
+        while (info := self.job(job_id))["JobState"] in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED",
+                                                         "CONFIGURING", "SUSPENDED"):
+            assert time.time() < deadline, info
+            time.sleep(0.5)
+        return info
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged", "ip") if shutil.which(b) is None]
+    if missing or os.geteuid() != 0:
+        # a failure, not a skip: the README's test command installs them, so missing means broken
+        pytest.fail(f"needs root and slurm-wlm + munge (missing: {missing}): run bash slurm/local/install.sh")
+    folder = tmp_path_factory.mktemp("slurm-cluster")
+    env = dict(os.environ, IMNET_SLURM_NETNS=NETNS)
+    try:
+        start = subprocess.run(["bash", os.path.join(ROOT, "slurm", "local", "start.sh"), str(folder)], env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert start.returncode == 0, f"start.sh failed:\n{start.stdout}\n{start.stderr}"
+        yield Cluster(folder)
+    finally:
+        stop = subprocess.run(["bash", os.path.join(ROOT, "slurm", "local", "stop.sh"), str(folder)],
+                              capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm-runs")
+    with open(d / "tiny.yaml", "w") as f:
+        yaml.safe_dump({"run": {"out_dir": str(d / "runs")}, **TINY}, f)
+    return d
+
+
+@pytest.fixture
+def no_slurm(tmp_path):
+    """Env whose PATH starts with fake Slurm commands that record any call (and fail)."""
+    fake = tmp_path / "fake-slurm"
+    fake.mkdir()
+    for name in ("srun", "sbatch", "scontrol", "squeue", "sacct", "scancel", "sinfo"):
+        (fake / name).write_text(f"#!/bin/sh\necho {name} >> {fake}/called\nexit 99\n")
+        (fake / name).chmod(0o755)
+    env = child_env(PATH=str(fake) + os.pathsep + os.environ["PATH"])
+    env.pop("SLURM_CONF", None)
+    yield env
+    assert not (fake / "called").exists(), f"a Slurm command was called: {(fake / 'called').read_text()}"
+
+
+def job_id(stdout: str) -> str:
+    m = re.search(r"submitted job (\d+)", stdout)
+    assert m, stdout
+    return m.group(1)
+
+
+def train_steps(run_dir) -> list[int]:
+    return [r["step"] for r in metrics(run_dir) if r["split"] == "train"]
+
+
+def losses(run_dir) -> list[tuple]:
+    return [(r["step"], r["loss"]) for r in metrics(run_dir) if r["split"] == "train"]
+
+
+def latest(run_dir) -> dict:
+    ck = os.path.join(run_dir, "checkpoints")
+    return torch.load(os.path.join(ck, open(os.path.join(ck, "latest")).read().strip()), weights_only=True)
+
+
+def logs(folder, jid: str) -> str:
+    """All of a job's submitit logs (both ranks, stdout and stderr), for failure messages too."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(f"{jid}_") and name.endswith((".out", ".err")):
+            out.append(f"==> {name}\n" + open(os.path.join(folder, name)).read())
+    return "\n".join(out)
+
+
+def wait_for_steps(run_dir, n: int, proc=None, timeout=300):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if len(train_steps(run_dir)) >= n:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        assert proc is None or proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"no {n} steps in {run_dir} after {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, workdir):
+    """One uninterrupted 2-node run through launch/submit.py, for the tests below to compare with."""
+    out = cluster.run(*SUBMIT, "--config", str(workdir / "tiny.yaml"), "--nodes", "2", *CPU_TASKS, "--wait",
+                      "run.name=ref", *SLOW)
+    return out.stdout, job_id(out.stdout), workdir / "runs" / "ref"
+
+
+def test_two_node_ddp_run(cluster, reference):
+    stdout, jid, run_dir = reference
+    slurm_dir = run_dir / "slurm"
+    assert f"tail -f {slurm_dir}/{jid}_0_log.out {slurm_dir}/{jid}_0_log.err" in stdout, stdout
+    done = json.loads(stdout.split(f"job {jid} done: ")[1].splitlines()[0])
+    assert done["step"] == STEPS and done["n"] == 65
+    # one task on each of the two nodes, rendezvous at the first node's name
+    assert cluster.finished(jid)["NodeList"] == "imnet-node[1-2]"
+    acct = cluster.run("sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", jid).stdout
+    assert f"{jid}|COMPLETED|imnet-node[1-2]" in acct.splitlines()
+    info = json.load(open(run_dir / "run_info.json"))
+    assert info["world"] == 2
+    log = logs(slurm_dir, jid)
+    assert "global_rank=0(2)" in log and "global_rank=1(2)" in log
+    # metrics and checkpoint in the run folder
+    assert train_steps(run_dir) == list(range(1, STEPS + 1))
+    val = [r for r in metrics(run_dir) if r["split"] == "val"]
+    assert [v["step"] for v in val] == [16, 32] and val[-1]["loss"] == pytest.approx(done["loss"])
+    assert latest(run_dir)["step"] == STEPS
+
+    # Both ranks hold the same weights: the logged validation was computed by rank 0 on its shard
+    # and by rank 1 on the other with its own weights; one process evaluating rank 0's checkpoint
+    # on the whole split must find the same loss. Negative control: the epoch-1 checkpoint does not.
+    ck = run_dir / "checkpoints"
+    one = json.loads(run([sys.executable, "-m", "imnet.evaluate", "--checkpoint", str(ck)]).stdout.splitlines()[-1])
+    assert one["step"] == STEPS and one["n"] == 65
+    assert one["loss"] == pytest.approx(val[-1]["loss"], rel=1e-5) and one["top1"] == pytest.approx(val[-1]["top1"])
+    early = json.loads(run([sys.executable, "-m", "imnet.evaluate", "--checkpoint",
+                            str(ck / "ckpt_00000016.pt")]).stdout.splitlines()[-1])
+    assert early["loss"] == pytest.approx(val[0]["loss"], rel=1e-5)
+    assert abs(early["loss"] - one["loss"]) > 1e-3
+
+
+@pytest.mark.parametrize("how", ["usr2", "scontrol-requeue"])
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, workdir, reference, how):
+    """usr2: what Slurm sends 90 s before the time limit. The loop stops all ranks after the same step
+    and saves; then submitit's handler calls Trainer.checkpoint() and requeues the job.
+    scontrol-requeue: what an admin (or preemption with PreemptMode=REQUEUE) does; Slurm sends SIGTERM,
+    the loop saves the same way and Slurm itself starts the job again (within KillWait=10 s).
+    Either way the new attempt resumes from `latest` although the job was submitted with
+    ckpt.resume=never: no resume setting or checkpoint path is frozen into the job's pickle."""
+    run_dir = workdir / "runs" / f"pre-{how}"
+    p = subprocess.Popen(cluster.ns(*SUBMIT, "--config", str(workdir / "tiny.yaml"), "--nodes", "2", *CPU_TASKS,
+                                    "--max-requeues", "2", "--wait", f"run.name=pre-{how}", "ckpt.resume=never", *SLOW),
+                         cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stdout.readline()
+        jid = job_id(first)
+        wait_for_steps(run_dir, 3, p)
+        if how == "usr2":
+            cluster.run("scancel", "--signal=USR2", jid)
+        else:
+            cluster.run("scontrol", "requeue", jid)
+        out, err = p.communicate(timeout=500)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    log = logs(run_dir / "slurm", jid)
+    assert p.returncode == 0, f"{first}{out}\n{err}\n{log}"
+    assert cluster.finished(jid)["Restarts"] == "1", log
+    stopped = int(re.search(r"stopped by signal at step (\d+); checkpoint saved", log).group(1))
+    assert 3 <= stopped < STEPS, log
+    assert f"stopped at step {stopped}; the next attempt resumes from the latest checkpoint" in log
+    assert re.search(rf"resumed from \S+ckpt_{stopped:08d}.pt at step {stopped} ", log), log
+    done = json.loads(out.split(f"job {jid} done: ")[1].splitlines()[0])
+    assert done["step"] == STEPS
+    # every step exactly once, and the same trajectory and weights as the uninterrupted run
+    assert train_steps(run_dir) == list(range(1, STEPS + 1))
+    assert losses(run_dir) == losses(reference[2])
+    assert latest(run_dir)["step"] == STEPS
+    ref_w, w = latest(reference[2])["model"], latest(run_dir)["model"]
+    assert all(torch.equal(ref_w[k], w[k]) for k in ref_w)
+    with open(run_dir / "slurm" / f"{jid}_submitted.pkl", "rb") as f:
+        pickled = pickle.load(f)
+    assert pickled._timeout_countdown == 2  # --max-requeues; a preemption does not count as a timeout
+    if how == "usr2":  # submitit replaced the job's pickle with Trainer.checkpoint()'s
+        assert "Calling checkpoint method" in log and f"Requeued job {jid} (2 remaining timeouts)" in log
+        assert pickled.function.tree["ckpt"]["resume"] == "auto"
+    else:  # the original pickle ran again; SLURM_RESTART_COUNT made it resume
+        assert "Calling checkpoint method" not in log
+        assert pickled.function.tree["ckpt"]["resume"] == "never"
+
+
+def test_sbatch_template_requeues_on_usr2(cluster, workdir, reference, tmp_path):
+    """slurm/train.sbatch without submitit: USR2 to the batch shell (Slurm's --signal=B:USR2@120)."""
+    run_dir = workdir / "runs" / "sb"
+    out = cluster.run("sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                      "--time=10", os.path.join(ROOT, "slurm", "train.sbatch"), "--config", str(workdir / "tiny.yaml"),
+                      "run.name=sb", "ckpt.resume=never", *SLOW, cwd=tmp_path).stdout
+    jid = re.search(r"Submitted batch job (\d+)", out).group(1)
+    wait_for_steps(run_dir, 3)
+    cluster.run("scancel", "--batch", "--signal=USR2", jid)
+    info = cluster.finished(jid)
+    log = open(tmp_path / f"slurm-imnet-{jid}.out").read()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    stopped = int(re.search(r"stopped by signal at step (\d+); checkpoint saved", log).group(1))
+    assert f"requeueing job {jid}" in log, log
+    assert re.search(rf"job {jid} attempt 2 on .* ckpt.resume=never .* ckpt.resume=auto\n", log), log
+    assert re.search(rf"resumed from \S+ckpt_{stopped:08d}.pt at step {stopped} ", log), log
+    assert train_steps(run_dir) == list(range(1, STEPS + 1))
+    assert losses(run_dir) == losses(reference[2])
+
+
+def test_sweep_runs_as_job_array(cluster, workdir):
+    sweep = workdir / "grid4.yaml"
+    sweep.write_text(yaml.safe_dump({"base": str(workdir / "tiny.yaml"),
+                                     "grid": {"model.norm": ["gn", "bn"], "run.seed": [0, 1]}}))
+    out = cluster.run(*SUBMIT, "--sweep", str(sweep), "--nodes", "1", *CPU_TASKS, "--array-parallelism", "2",
+                      "--wait", "run.max_steps=3").stdout
+    array = re.search(r"as job array (\d+)", out).group(1)
+    root = workdir / "runs" / "grid4"
+    names = {"norm=gn,seed=0", "norm=gn,seed=1", "norm=bn,seed=0", "norm=bn,seed=1"}
+    assert set(os.listdir(root)) == names | {"slurm"}
+    # the printed table: job, one column per grid key, run folder
+    assert re.search(r"job\s+model\.norm\s+run\.seed\s+run folder", out), out
+    for i, name in enumerate(["norm=gn,seed=0", "norm=gn,seed=1", "norm=bn,seed=0", "norm=bn,seed=1"]):
+        assert re.search(rf"{array}_{i}\s+{name[5:7]}\s+{name[-1]}\s+{name}", out), out
+        cfg = yaml.safe_load(open(root / name / "config.yaml"))
+        assert (cfg["model"]["norm"], cfg["run"]["seed"]) == (name[5:7], int(name[-1]))
+        assert cfg["run"]["name"] == f"grid4/{name}"
+        assert latest(root / name)["step"] == 3
+        assert f"job {array}_{i} done: " in out
+    for i in range(4):
+        cluster.finished(f"{array}_{i}")
+    script = open(root / "slurm" / f"{array}_submission.sh").read()
+    assert "#SBATCH --array=0-3%2" in script
+    acct = cluster.run("sacct", "-o", "JobID,State", "--parsable2", "-j", array).stdout.splitlines()
+    assert sorted(acct[1:]) == [f"{array}_{i}|COMPLETED" for i in range(4)]
+
+
+def test_local_executor_runs_two_ranks_without_slurm(tmp_path, no_slurm, workdir):
+    out = run(isolated([*SUBMIT, "--config", str(workdir / "tiny.yaml"), "--local", "--gpus-per-node", "0",
+                        "--tasks-per-node", "2", "run.max_steps=4", f"run.out_dir={tmp_path}", "run.name=loc"]),
+              env=no_slurm).stdout
+    assert "submitit local executor" in out
+    done = json.loads(re.search(r"done: (\{.*\})", out).group(1))
+    assert done["step"] == 4 and done["n"] == 65
+    assert json.load(open(tmp_path / "loc" / "run_info.json"))["world"] == 2
+    assert latest(tmp_path / "loc")["step"] == 4
+
+
+def test_dry_run_prints_the_sbatch_script_without_slurm(tmp_path, no_slurm, workdir):
+    out = run([*SUBMIT, "--config", str(workdir / "tiny.yaml"), "--nodes", "4", "--partition", "gpu", "--qos",
+               "high", "--account", "lab", "--constraint", "a100", "--time", "01:30:00", "--mem", "64G",
+               "--exclusive", "--cpus-per-task", "10", "--job-name", "r50", f"run.out_dir={tmp_path}", "--dry-run"],
+              env=no_slurm).stdout
+    for line in ["--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=8", "--partition=gpu", "--qos=high",
+                 "--account=lab", "--constraint=a100", "--time=90", "--mem=64G", "--exclusive", "--cpus-per-task=10",
+                 "--job-name=r50", "--signal=USR2@90", "--requeue", "--open-mode=append"]:
+        assert f"#SBATCH {line}\n" in out, (line, out)
+    assert f"--output={tmp_path}/run/slurm/%j_0_log.out" in out
+    assert re.search(r"srun .*--kill-on-bad-exit=1 .*-m submitit.core._submit", out)
+    assert not os.path.exists(tmp_path / "run")  # nothing written
+    cpu = run([*SUBMIT, "--config", str(workdir / "tiny.yaml"), "--nodes", "2", *CPU_TASKS[:2], "--tasks-per-node", "3",
+               "--dry-run"], env=no_slurm).stdout
+    assert "#SBATCH --ntasks-per-node=3\n" in cpu and "gpus" not in cpu
+
+
+def test_dry_run_of_a_sweep(tmp_path, no_slurm, workdir):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "bs", "grid": {"data.batch_size": [2, 4, 8], "model.norm": "gn"}}))
+    out = run([*SUBMIT, "--config", str(workdir / "tiny.yaml"), "--sweep", str(sweep), *CPU_TASKS,
+               "--array-parallelism", "2", f"run.out_dir={tmp_path}", "--dry-run"], env=no_slurm).stdout
+    assert "#SBATCH --array=0-2%2\n" in out and "#SBATCH --job-name=bs\n" in out
+    for b in (2, 4, 8):
+        assert f"# would run {tmp_path}/bs/batch_size={b},norm=gn\n" in out
+
+
+BAD = [
+    (["--nodes", "0"], "--nodes must be at least 1 (got 0)"),
+    (["--partition", "gpu;rm -rf /"], "--partition 'gpu;rm -rf /': use letters, digits"),
+    (["--qos", "a b"], "--qos 'a b'"),
+    (["--config", "no/such.yaml"], "--config: no such file 'no/such.yaml'"),
+    (["optim.lr=0.1"], "optim.lr: unknown key"),
+    (["--time", "0"], "--time '0': expected minutes"),
+    (["--time", "1:2"], "--time '1:2'"),
+    (["--mem", "lots"], "--mem 'lots'"),
+    (["--gpus-per-node", "4", "--tasks-per-node", "2"], "one task per GPU"),
+    (["--local", "--nodes", "2"], "--local runs on this machine: --nodes must be 1"),
+    (["--local", "--partition", "gpu"], "--partition is a Slurm option: not with --local"),
+    (["--array-parallelism", "2"], "--array-parallelism is for --sweep"),
+    (["--sweep", "SWEEP", "model.norm=bn"], "model.norm set by the sweep, not also on the command line"),
+    (["--sweep", "SWEEP", "--config", "CONFIG"], "and the sweep's base"),
+    (["--sweep", "BADSWEEP"], "sweep point norm=xx: model.norm: Input should be"),
+    (["--sweep", "no/such/sweep.yaml"], "--sweep: no such file"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_options_fail_before_submitting(tmp_path, no_slurm, workdir, args, message):
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"base": str(workdir / "tiny.yaml"),
+                                                         "grid": {"model.norm": ["gn", "bn"]}}))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"base": str(workdir / "tiny.yaml"),
+                                                       "grid": {"model.norm": ["gn", "xx"]}}))
+    subst = {"SWEEP": str(tmp_path / "sweep.yaml"), "BADSWEEP": str(tmp_path / "bad.yaml"),
+             "CONFIG": str(workdir / "tiny.yaml")}
+    args = [subst.get(a, a) for a in args]
+    p = run([*SUBMIT, *args, f"run.out_dir={tmp_path}/runs"], env=no_slurm, check=False, cwd=tmp_path)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert not os.path.exists(tmp_path / "runs")
