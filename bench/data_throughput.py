@@ -27,7 +27,8 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks_md import append_rows
+
 
 
 def write_jpegs(root: str, n: int, classes: int = 4) -> None:
@@ -147,14 +148,7 @@ def main() -> int:
     lines = [f"| {head} | {w} | {b} | {rb:.0f} | {c} | {rc:.0f} | {rc / rb:.2f}x |" for w, b, rb, c, rc in rows]
     print("\n".join(lines))
     if a.write:
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        marker = "<!-- data_throughput rows -->"
-        with open(path) as f:
-            text = f.read()
-        if marker not in text:
-            raise SystemExit(f"{path} has no {marker} line")
-        with open(path, "w") as f:
-            f.write(text.replace(marker, marker + "\n" + "\n".join(lines)))
+        append_rows("<!-- data_throughput rows -->", lines)
     return 0
 
 

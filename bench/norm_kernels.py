@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import sys
 
@@ -40,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks_md import append_rows
+
 MARKER = "<!-- norm_kernels rows -->"
 METHODS = ("bn", "gn", "gn_compile", "imnet")
 
@@ -170,14 +170,7 @@ def main() -> int:
             print(row, flush=True)
             rows.append(row)
     if args.write:
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        with open(path) as f:
-            text = f.read()
-        if MARKER not in text:
-            print(f"--write: no {MARKER} line in {path}; add the section first", file=sys.stderr)
-            return 1
-        with open(path, "w") as f:
-            f.write(text.replace(MARKER, MARKER + "\n" + "\n".join(rows), 1))
+        append_rows(MARKER, rows)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import sys
 import time
@@ -32,7 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks_md import append_rows
+
 MARKER = "<!-- rn50_throughput rows -->"
 VARIANTS = ("bn", "gn_native", "gn_imnet", "gn_imnet_unfused_add")
 
@@ -115,14 +115,7 @@ def main() -> int:
         del x, labels, steps
         torch.cuda.empty_cache()
     if args.write:
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        with open(path) as f:
-            text = f.read()
-        if MARKER not in text:
-            print(f"--write: no {MARKER} line in {path}; add the section first", file=sys.stderr)
-            return 1
-        with open(path, "w") as f:
-            f.write(text.replace(MARKER, MARKER + "\n" + "\n".join(rows), 1))
+        append_rows(MARKER, rows)
     return 0
 
 

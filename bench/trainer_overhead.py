@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from benchmarks_md import append_rows
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "digits_gn.yaml")
 
@@ -95,12 +97,7 @@ def main() -> None:
     print(f"imnet / minimal time per step (median of {a.repeats}): {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%)")
     print(line)
     if a.write:
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        with open(path) as f:
-            text = f.read()
-        marker = "<!-- trainer_overhead rows -->"
-        with open(path, "w") as f:
-            f.write(text.replace(marker, marker + "\n" + line))
+        append_rows("<!-- trainer_overhead rows -->", [line])
 
 
 if __name__ == "__main__":

@@ -45,6 +45,16 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def reduce_step(loss_sum: torch.Tensor, correct: torch.Tensor, n: int, stop_requested: bool) -> list[float]:
+    """One all-reduce per step carries the decisions and the metrics together:
+    [any non-finite loss, any stop request, loss sum, correct, images], summed over ranks."""
+    dev = loss_sum.device
+    flags = torch.stack([(~torch.isfinite(loss_sum)).float(), torch.tensor(float(stop_requested), device=dev),
+                         torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0),
+                         correct.float(), torch.tensor(float(n), device=dev)])
+    return imdist.all_reduce(flags).tolist()
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay: bool) -> list[dict]:
     norm_params, other = norm.split_params(model)
     if norm_weight_decay:
@@ -103,13 +113,7 @@ class DDPEngine:
             loss_sum += loss.detach() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
             n += y.numel()
-        # One all-reduce per step carries the decisions and the metrics together:
-        # [any non-finite loss, any stop request, loss sum, correct, images].
-        flags = torch.stack([(~torch.isfinite(loss_sum)).float(),
-                             torch.tensor(float(stop_requested), device=self.device),
-                             torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0),
-                             correct.float(), torch.tensor(float(n), device=self.device)])
-        nonfinite, stop, loss_all, correct_all, n_all = imdist.all_reduce(flags).tolist()
+        nonfinite, stop, loss_all, correct_all, n_all = reduce_step(loss_sum, correct, n, stop_requested)
         skipped = nonfinite > 0
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -305,11 +309,7 @@ class DeepSpeedEngine:
                 # but before the last backward: a step to skip is poisoned on every rank (NaN loss -> NaN
                 # gradients everywhere), so DeepSpeed's own overflow check drops the accumulated gradients
                 # of all k micro-batches, whatever the ZeRO stage.
-                flags = torch.stack([(~torch.isfinite(loss_sum)).float(),
-                                     torch.tensor(float(stop_requested), device=self.device),
-                                     torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0),
-                                     correct.float(), torch.tensor(float(n), device=self.device)])
-                nonfinite, stop, loss_all, correct_all, n_all = imdist.all_reduce(flags).tolist()
+                nonfinite, stop, loss_all, correct_all, n_all = reduce_step(loss_sum, correct, n, stop_requested)
                 skipped = nonfinite > 0
                 if skipped:
                     loss = loss * float("nan")
