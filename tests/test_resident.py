@@ -1,6 +1,7 @@
 """The device-resident loader (data.loader=gpu), on the CPU: same samples as the torch loader,
 correct crops and flips, deterministic, resumable."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,16 +14,17 @@ from imnet.data.resident import ResidentLoader
 CPU = torch.device("cpu")
 
 
-def dataset(n=40, c=3, size=8, flip=True):
+def dataset(n=40, c=3, size=8, flip=True, width=None):
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (n, c, size, width or size), dtype=torch.uint8, generator=g)
     return TensorImageDataset(images, torch.arange(n) % 5, (0.5,) * c, (0.25,) * c, augment=True, flip=flip)
 
 
-def test_crop_and_flip_follow_the_sample_seed():
-    ds = dataset()
+@pytest.mark.parametrize("width, channels_last", [(8, False), (8, True), (6, True)])
+def test_crop_and_flip_follow_the_sample_seed(width, channels_last):
+    ds = dataset(width=width)
     sampler = TrainSampler(len(ds), 0, 1, 8, seed=3)
-    loader = ResidentLoader(ds, sampler, 8, CPU, channels_last=False, train=True)
+    loader = ResidentLoader(ds, sampler, 8, CPU, channels_last=channels_last, train=True)
     idx, seeds = sampler.epoch_indices()
     x, y = next(iter(loader))
     p, k = ds.pad, 2 * ds.pad + 1
@@ -31,7 +33,7 @@ def test_crop_and_flip_follow_the_sample_seed():
     for j in range(8):
         s = seeds[j].item()
         top, left, flip = s % k, (s // k) % k, (s // (k * k)) % 2
-        img = F.pad(ds.images[idx[j]], (p, p, p, p))[:, top:top + 8, left:left + 8]
+        img = F.pad(ds.images[idx[j]], (p, p, p, p))[:, top:top + 8, left:left + width]
         if flip:
             img = img.flip(-1)
             flips += 1
@@ -39,6 +41,8 @@ def test_crop_and_flip_follow_the_sample_seed():
         assert torch.allclose(x[j], expect, atol=1e-6), j
         assert y[j].item() == ds.targets[idx[j]].item()
     assert 0 < flips < 8  # both cases occur in this batch
+    assert x.shape == (8, 3, 8, width)
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_no_flip_for_digit_like_sets():
@@ -104,8 +108,6 @@ def test_val_shards_every_image_once():
 
 
 def test_refuses_datasets_not_in_memory():
-    import pytest
-
     class Lazy(torch.utils.data.Dataset):
         pass
 
