@@ -30,33 +30,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EPILOGUES = {"plain": (None, False), "relu": ("relu", False), "residual": ("relu", True)}
 
 
-def rn50_shapes(image_size: int = 224) -> list[tuple[int, int, int]]:
-    from imnet import models
-    from imnet.models.resnet import norm_shapes
-
-    with torch.device("meta"):
-        model = models.build("resnet50", num_classes=1000, image_size=image_size, norm="bn")
-    return sorted({s[1:] for s in norm_shapes(model, image_size)})
-
-
 def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def check(n, c, h, w, dtype, epilogue, gen, rows_per_chunk=None, groups=32, dev="cuda") -> dict:
+def check(n, c, h, w, dtype, epilogue, gen, rows_per_chunk=None, groups=32) -> dict:
     from imnet.kernels import group_norm as gnk
     from imnet.kernels import reference
 
     act, residual = EPILOGUES[epilogue]
     cl = torch.channels_last
-    x = (3 * torch.randn(n, c, h, w, device=dev, generator=gen) + 5).to(dtype).contiguous(memory_format=cl)
-    weight = torch.randn(c, device=dev, generator=gen) * 0.5 + 1
-    bias = torch.randn(c, device=dev, generator=gen)
-    dy = torch.randn(n, c, h, w, device=dev, generator=gen).to(dtype).contiguous(memory_format=cl)
-    ins = [x, weight, bias]
-    if residual:
-        ins.append(torch.randn(n, c, h, w, device=dev, generator=gen).to(dtype).contiguous(memory_format=cl))
-    ins = [t.requires_grad_() for t in ins]
+    x, weight, bias, dy, r = reference.random_inputs(n, c, h, w, dtype, gen, residual)
+    ins = [t.requires_grad_() for t in (x, weight, bias, r) if t is not None]
     y = gnk.group_norm(ins[0], groups, ins[1], ins[2], 1e-5, act=act, residual=ins[3] if residual else None,
                        rows_per_chunk=rows_per_chunk)
     grads = torch.autograd.grad(y, ins, dy)
@@ -112,17 +97,19 @@ def main() -> int:
         p.error("--device cpu needs TRITON_INTERPRET=1")
     import triton
 
+    from imnet.models.resnet import resnet50_norm_shapes
+
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)"
     print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}")
     print("| N | C | HxW | dtype | epilogue | chunks | y | dx | dgamma | dbeta | dres | result |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     failures = 0
-    cases = [(n, c, h, w, dt, ep, None) for n in args.batches for (c, h, w) in rn50_shapes()
+    cases = [(n, c, h, w, dt, ep, None) for n in args.batches for (c, h, w) in resnet50_norm_shapes()
              for dt in args.dtypes for ep in EPILOGUES]
     cases += [(2, c, h, w, dt, "residual", 7) for (c, h, w) in ((64, 56, 56), (2048, 7, 7)) for dt in args.dtypes]
     for n, c, h, w, dt, ep, rows in cases:
-        r = check(n, c, h, w, DTYPES[dt], ep, gen, rows, dev=args.device)
+        r = check(n, c, h, w, DTYPES[dt], ep, gen, rows)
         e = r["errs"]
         cols = " | ".join(f"{e[k]:.1e}" if k in e else "-" for k in ("y", "dx", "dgamma", "dbeta", "dres"))
         ok = not r["problems"]

@@ -1,7 +1,7 @@
 """Forward + backward time of one norm layer: BN, native GN, torch.compile'd GN and imnet's GN.
 
     python bench/norm_kernels.py [--batches 32 2] [--epilogue none|relu|residual] [--iters 50]
-                                 [--repeats 5] [--write]
+                                 [--repeats 5] [--methods bn gn gn_compile imnet] [--write]
 
 Every distinct ResNet-50 norm input shape (C, H, W at 224x224), channels-last bf16 activations with
 float32 parameters under bf16 autocast (as in training: native GN then runs in float32, which is
@@ -43,19 +43,6 @@ from benchmarks_md import append_rows
 
 MARKER = "<!-- norm_kernels rows -->"
 METHODS = ("bn", "gn", "gn_compile", "imnet")
-
-
-def rn50_shapes(image_size: int = 224) -> list[tuple[tuple[int, int, int], int]]:
-    """((C, H, W), how many of ResNet-50's 53 norm layers have that input shape)."""
-    from collections import Counter
-
-    from imnet import models
-    from imnet.models.resnet import norm_shapes
-
-    with torch.device("meta"):
-        model = models.build("resnet50", num_classes=1000, image_size=image_size, norm="bn")
-    counts = Counter(s[1:] for s in norm_shapes(model, image_size))
-    return sorted(counts.items())
 
 
 def copy_bandwidth(gib: float = 1.0, iters: int = 20) -> float:
@@ -132,12 +119,18 @@ def main() -> int:
     p.add_argument("--epilogue", choices=("none", "relu", "residual"), default="none")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="leave out gn_compile to skip Inductor's compile per shape (its column reads '-')")
     p.add_argument("--write", action="store_true", help=f"append the rows to BENCHMARKS.md below {MARKER}")
     args = p.parse_args()
+    if not {"bn", "imnet"} <= set(args.methods):
+        p.error("--methods must include bn and imnet (the ratios)")
     if not torch.cuda.is_available():
         print("norm_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
+
+    from imnet.models.resnet import resnet50_norm_shapes
 
     torch.backends.cudnn.benchmark = True
     bw = copy_bandwidth()
@@ -150,7 +143,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for n in args.batches:
-        for (c, h, w), count in rn50_shapes():
+        for (c, h, w), count in resnet50_norm_shapes().items():
             gen = torch.Generator(device="cuda").manual_seed(c * h + n)
             cl = torch.channels_last
             x = (3 * torch.randn(n, c, h, w, device="cuda", generator=gen) + 5).to(torch.bfloat16)
@@ -161,11 +154,11 @@ def main() -> int:
                 r = torch.randn(n, c, h, w, device="cuda", generator=gen).to(torch.bfloat16)
                 r = r.contiguous(memory_format=cl).requires_grad_()
             torch._dynamo.reset()  # a fresh compile per shape (the cache is per code object, 8 entries)
-            steps = {m: make_step(m, c, args.epilogue, x, r, dy) for m in METHODS}
+            steps = {m: make_step(m, c, args.epilogue, x, r, dy) for m in METHODS if m in args.methods}
             t = time_steps(steps, args.iters, args.repeats)
             tensors = 5 + (2 if args.epilogue == "residual" else 0)
             gbs = tensors * x.numel() * x.element_size() / t["imnet"]
-            row = (f"| {head} | {n} | {c} | {h}x{w} | {count} | " + " | ".join(f"{t[m] * 1e3:.3f}" for m in METHODS)
+            row = (f"| {head} | {n} | {c} | {h}x{w} | {count} | " + " | ".join(f"{t[m] * 1e3:.3f}" if m in t else "-" for m in METHODS)
                    + f" | {gbs / 1e9:.0f} | {100 * gbs / bw:.0f} % | {t['imnet'] / t['bn']:.2f} |")
             print(row, flush=True)
             rows.append(row)

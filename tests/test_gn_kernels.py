@@ -30,7 +30,7 @@ from torch import nn
 from imnet import config, models, norm
 from imnet.kernels import ChannelsLastGroupNorm, kernel_applies, reference
 from imnet.kernels import group_norm as gnk
-from imnet.models.resnet import Bottleneck, fuse_norm_act, norm_shapes
+from imnet.models.resnet import Bottleneck, fuse_norm_act, resnet50_norm_shapes
 
 OUT_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 PARAM_BOUND = 1e-5
@@ -48,13 +48,7 @@ def _cl(t):
 
 
 def _data(n, c, h, w, dtype, seed, residual=False):
-    g = torch.Generator().manual_seed(seed)
-    x = _cl((3 * torch.randn(n, c, h, w, generator=g) + 5).to(dtype))
-    weight = torch.randn(c, generator=g) * 0.5 + 1
-    bias = torch.randn(c, generator=g)
-    dy = _cl(torch.randn(n, c, h, w, generator=g).to(dtype))
-    r = _cl(torch.randn(n, c, h, w, generator=g).to(dtype)) if residual else None
-    return x, weight, bias, dy, r
+    return reference.random_inputs(n, c, h, w, dtype, torch.Generator().manual_seed(seed), residual)
 
 
 def _err(got, ref):
@@ -233,18 +227,10 @@ def test_bad_arguments():
 
 # --- launch plan: the split fills an H100 at 1-2 images per GPU ---------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _rn50_shapes():
-    with torch.device("meta"):
-        model = models.build("resnet50", num_classes=1000, norm="bn")
-    shapes = norm_shapes(model, 224)
-    assert len(shapes) == 53
-    return sorted({s[1:] for s in shapes})
-
-
 def test_plan_fills_an_h100_with_two_images():
-    shapes = _rn50_shapes()
-    assert len(shapes) == 12
+    counts = resnet50_norm_shapes()
+    assert len(counts) == 12 and sum(counts.values()) == 53
+    shapes = list(counts)
     for c, h, w in shapes:
         p = gnk.plan(2, c, h * w, 32, 132)
         assert p.reduce_programs(2, c) >= 2 * 132, (c, h, w, p)

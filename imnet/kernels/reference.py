@@ -38,3 +38,22 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
         # need its output, and `y + residual` is a fresh tensor.
         y = torch.relu_(y)
     return y
+
+
+def random_inputs(n: int, c: int, h: int, w: int, dtype: torch.dtype, generator: torch.Generator,
+                  residual: bool = False):
+    """(x, weight, bias, dy, residual or None) for checking a GroupNorm against this reference, on
+    the generator's device: x = 3*randn + 5 (a non-zero mean and non-unit scale catch an unstable
+    variance; never zeros, which hide unwritten outputs), gamma = 0.5*randn + 1, beta, dy and the
+    residual randn; activations channels-last in `dtype`, parameters float32."""
+    dev = generator.device
+
+    def act(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).contiguous(memory_format=torch.channels_last)
+
+    x = act(3 * torch.randn(n, c, h, w, device=dev, generator=generator) + 5)
+    weight = torch.randn(c, device=dev, generator=generator) * 0.5 + 1
+    bias = torch.randn(c, device=dev, generator=generator)
+    dy = act(torch.randn(n, c, h, w, device=dev, generator=generator))
+    r = act(torch.randn(n, c, h, w, device=dev, generator=generator)) if residual else None
+    return x, weight, bias, dy, r

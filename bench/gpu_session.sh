@@ -1,0 +1,57 @@
+#!/bin/bash
+# Every GPU measurement of the channels-last GroupNorm in one call, in order of importance, each
+# step capped so that the whole fits a time budget (default 540 s):
+#
+#   OUT=folder bash bench/gpu_session.sh [budget_s]
+#
+#   1. the card, driver, torch and Triton versions
+#   2. python -m imnet.kernels.precompile: every ResNet-50 kernel specialization compiled in parallel
+#      into Triton's cache (otherwise the steps below compile hundreds of them one by one)
+#   3. bench/gn_gpu_check.py: the kernels against float64 on the GPU (exit 1 on a mismatch)
+#   4. bench/rn50_throughput.py --batches 256 32 --write: ResNet-50 training img/s, BN vs native GN
+#      vs imnet GN
+#   5. bench/norm_kernels.py --batches 32 2 --write (BN, native GN, imnet GN; then the residual
+#      epilogue; torch.compile'd GN last, if time is left: Inductor compiles once per shape)
+#
+# Each step's output goes to $OUT/<step>.log; BENCHMARKS.md with the new rows is copied to
+# $OUT/BENCHMARKS.md at the end (the rows are under the markers). A step that would start with
+# under 20 s left is skipped and says so. Exit status: that of the correctness check.
+set -u
+OUT=${OUT:-runs/gpu_session}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+budget=${1:-540}
+start=$(date +%s)
+check_rc=3
+
+step() {  # step NAME CAP_S COMMAND...
+    local name=$1 cap=$2 left
+    shift 2
+    left=$((budget - ($(date +%s) - start)))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: SKIPPED, ${left} s of the budget left"
+        return 99
+    fi
+    [ "$cap" -gt "$left" ] && cap=$left
+    echo "== $name (at most ${cap} s): $*"
+    timeout "$cap" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 40 "$OUT/$name.log"
+    echo "== $name: exit $rc after $(($(date +%s) - start)) s"
+    return $rc
+}
+
+step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv;
+python -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")"'
+step precompile 120 python -m imnet.kernels.precompile --batches 2 32 256 --jobs "$(nproc)"
+step gn_gpu_check 150 python bench/gn_gpu_check.py --batches 2 32
+check_rc=$?
+step rn50_throughput 170 python bench/rn50_throughput.py --batches 256 32 --write
+step norm_kernels 100 python bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --write
+step norm_kernels_residual 60 python bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --epilogue residual --write
+step norm_kernels_compile 300 python bench/norm_kernels.py --batches 32 --write
+cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
+echo "== done after $(($(date +%s) - start)) s; correctness check exit $check_rc"
+exit $check_rc

@@ -1,0 +1,193 @@
+"""Compile the GroupNorm kernels ahead of time into Triton's on-disk cache, with or without a GPU.
+
+    python -m imnet.kernels.precompile [--arch 90 --sms 132] [--batches 1 2 32 256]
+                                       [--dtypes bf16 fp16 fp32] [--jobs 8] [--report]
+
+Triton compiles a kernel the first time it is launched with a new specialization (block sizes,
+dtypes, 16-byte alignment, integer arguments equal to 1), one after another, in the training
+process: for ResNet-50 at a few batch sizes that is hundreds of compilations. This runs imnet's own
+launchers (`_forward`, `_backward`) for every distinct ResNet-50 norm input shape, batch size, dtype
+and epilogue on meta tensors, records each launch, and has Triton's JIT compile the distinct ones
+(`JITFunction.warmup`) in `--jobs` processes. The results land in Triton's cache
+(TRITON_CACHE_DIR, default ~/.triton/cache), keyed as a later launch on that GPU kind looks them
+up, so the training process then loads instead of compiling.
+
+No GPU is needed: the workers give Triton a stand-in driver that reports the target (CUDA compute
+capability `--arch`, warp size 32) and compiles only; with a GPU, `--arch` and `--sms` default to
+the current device's. Run it on a machine with the same Triton version as the GPU nodes (the
+cache key holds Triton's version and ptxas's). `--report` also prints each kernel's registers per
+thread and spill bytes from ptxas -v (tests/test_gn_compile.py asserts no spills on sm_90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ACTS = (None, "relu", "residual_relu")
+KERNELS = ("_fwd_stats", "_fwd_combine", "_fwd_apply", "_bwd_reduce", "_bwd_combine", "_bwd_apply")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch as Triton's JIT specializes it. `args` holds torch dtypes in place of tensors
+    (JITFunction.warmup turns them into 16-byte-aligned mock tensors) and the integer values."""
+    kernel: str
+    args: tuple
+    meta: tuple          # ((constexpr name, value), ...)
+    num_warps: int
+
+    def key(self) -> tuple:
+        """What the JIT's specialization sees: the integers only as 1 / divisible by 16 / other."""
+        spec = tuple(a if not isinstance(a, int) or isinstance(a, bool)
+                     else ("one" if a == 1 else "d16" if a % 16 == 0 else "int") for a in self.args)
+        return self.kernel, spec, self.meta, self.num_warps
+
+
+class _Recorder:
+    def __init__(self, name: str, launches: dict):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return self._record
+
+    def _record(self, *args, num_warps=4, **meta):
+        args = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+        launch = Launch(self.name, args, tuple(sorted(meta.items())), num_warps)
+        self.launches.setdefault(launch.key(), launch)
+
+
+def record(shapes, batches, dtypes, sms: int, groups: int = 32) -> list[Launch]:
+    """The distinct launches of forward + backward (all gradients) for every shape x batch x dtype x
+    epilogue, with the launch plan of a GPU with `sms` multiprocessors. Nothing is compiled."""
+    from imnet.kernels import group_norm as gnk
+
+    launches: dict = {}
+    recorders = {name: _Recorder(name, launches) for name in KERNELS}
+    saved = gnk._kernels, gnk._sm_count
+    gnk._kernels, gnk._sm_count = (lambda: recorders), (lambda device: sms)
+    try:
+        meta = torch.device("meta")
+        for n in batches:
+            for c, h, w in shapes:
+                wb = torch.empty(c, device=meta)
+                for dtype in dtypes:
+                    x = torch.empty(n, c, h, w, dtype=dtype, device=meta).contiguous(memory_format=torch.channels_last)
+                    for act in ACTS:
+                        res = x if act == "residual_relu" else None
+                        y, mean, rstd, plan = gnk._forward(x, wb, wb, groups, 1e-5, act, res, None)
+                        gnk._backward(x, x, y, wb, wb, mean, rstd, groups, act, plan, True, True, res is not None)
+    finally:
+        gnk._kernels, gnk._sm_count = saved
+    return list(launches.values())
+
+
+class _CompileOnlyDriver:
+    """What JITFunction.warmup asks of Triton's driver, for a GPU that is not there."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", src, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    return regs, sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+
+
+def _compile_share(share: list[Launch], arch: int, report: bool) -> list[tuple]:
+    """Worker: compile these launches through the JIT (into the on-disk cache)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    from triton.runtime import driver
+
+    from imnet.kernels import group_norm as gnk
+
+    driver.set_active(_CompileOnlyDriver(arch))
+    fns = gnk._jit(False)
+    out = []
+    for launch in share:
+        kernel = fns[launch.kernel].warmup(*launch.args, grid=(1,), num_warps=launch.num_warps, **dict(launch.meta))
+        regs, spills = _ptxas_report(kernel.asm["ptx"], arch) if report else (None, None)
+        out.append((launch.kernel, dict(launch.meta), launch.num_warps, regs, spills))
+    return out
+
+
+def compile_all(launches: list[Launch], arch: int, jobs: int, report: bool = False) -> list[tuple]:
+    """Compile in `jobs` fresh processes (spawned: Triton's compiler in forked children of a process
+    that already ran torch is not safe). Returns (kernel, constexprs, num_warps, registers, spills)."""
+    jobs = max(1, min(jobs, len(launches)))
+    shares = [launches[i::jobs] for i in range(jobs)]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        parts = pool.starmap(_compile_share, [(s, arch, report) for s in shares])
+    return [r for part in parts for r in part]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, help="CUDA compute capability x10 (90: H100/H200); default: this GPU's")
+    p.add_argument("--sms", type=int, help="multiprocessors, for the launch plan (132: H100); default: this GPU's")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 32, 256], help="images per GPU")
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--jobs", type=int, default=os.cpu_count())
+    p.add_argument("--report", action="store_true", help="print registers and spills per kernel (ptxas -v)")
+    a = p.parse_args(argv)
+    if a.arch is None or a.sms is None:
+        if not torch.cuda.is_available():
+            p.error("no GPU here: give the target's --arch and --sms (an H100: --arch 90 --sms 132)")
+        props = torch.cuda.get_device_properties(0)
+        a.arch = a.arch or props.major * 10 + props.minor
+        a.sms = a.sms or props.multi_processor_count
+    try:
+        import triton
+    except ImportError:
+        print("precompile: Triton is not installed (the kernels need it)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    from imnet.models.resnet import resnet50_norm_shapes
+
+    launches = record(list(resnet50_norm_shapes(a.image_size)), a.batches, [DTYPES[d] for d in a.dtypes], a.sms)
+    results = compile_all(launches, a.arch, a.jobs, a.report)
+    cache = os.environ.get("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
+    print(f"precompile: {len(results)} kernel specializations for sm_{a.arch} ({a.sms} SMs) in "
+          f"{time.perf_counter() - t0:.0f} s with {a.jobs} processes, triton {triton.__version__}, cache {cache}")
+    if a.report:
+        for name in KERNELS:
+            mine = [r for r in results if r[0] == name]
+            print(f"  {name}: {len(mine)} variants, registers {min(r[3] for r in mine)}-{max(r[3] for r in mine)}, "
+                  f"spill bytes {max(r[4] for r in mine)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
