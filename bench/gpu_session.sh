@@ -11,10 +11,13 @@
 #   4. bench/rn50_throughput.py --batches 256 32 --write: ResNet-50 training img/s, BN vs native GN
 #      vs imnet GN
 #   5. bench/norm_kernels.py --batches 32 2 --write (BN, native GN, imnet GN; then the residual
-#      epilogue; torch.compile'd GN last, if time is left: Inductor compiles once per shape)
+#      epilogue)
+#   6. bench/rn50_throughput.py --batches 32 --cuda-graph --write: the same models with the whole
+#      step replayed as a CUDA graph (no host overhead): host-bound or GPU-bound at 32 images?
+#   7. bench/norm_kernels.py with torch.compile'd GN, if time is left (Inductor compiles per shape)
 #
-# Each step's output goes to $OUT/<step>.log; BENCHMARKS.md with the new rows is copied to
-# $OUT/BENCHMARKS.md at the end (the rows are under the markers). A step that would start with
+# Every step's output is appended to $OUT/session.log; BENCHMARKS.md with the new rows is copied
+# to $OUT/BENCHMARKS.md at the end (the rows are under the markers). A step that would start with
 # under 20 s left is skipped and says so. Exit status: that of the correctness check.
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -35,11 +38,13 @@ step() {  # step NAME CAP_S COMMAND...
         return 99
     fi
     [ "$cap" -gt "$left" ] && cap=$left
-    echo "== $name (at most ${cap} s): $*"
-    timeout "$cap" "$@" >"$OUT/$name.log" 2>&1
+    echo "== $name (at most ${cap} s): $*" | tee -a "$OUT/session.log"
+    timeout "$cap" "$@" >"$OUT/step.log" 2>&1
     local rc=$?
-    tail -n 40 "$OUT/$name.log"
-    echo "== $name: exit $rc after $(($(date +%s) - start)) s"
+    cat "$OUT/step.log" >>"$OUT/session.log"
+    tail -n 30 "$OUT/step.log"
+    rm -f "$OUT/step.log"
+    echo "== $name: exit $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/session.log"
     return $rc
 }
 
@@ -51,6 +56,7 @@ check_rc=$?
 step rn50_throughput 170 python bench/rn50_throughput.py --batches 256 32 --write
 step norm_kernels 100 python bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --write
 step norm_kernels_residual 60 python bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --epilogue residual --write
+step rn50_cuda_graph 90 python bench/rn50_throughput.py --batches 32 --cuda-graph --write
 step norm_kernels_compile 300 python bench/norm_kernels.py --batches 32 --write
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
 echo "== done after $(($(date +%s) - start)) s; correctness check exit $check_rc"

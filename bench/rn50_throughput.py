@@ -1,7 +1,8 @@
 """ResNet-50 training throughput with BN, native GN and imnet's GN, same run, same card.
 
     python bench/rn50_throughput.py [--batches 256 32] [--steps 30] [--warmup 10] [--rounds 3]
-                                    [--variants bn gn_native gn_imnet gn_imnet_unfused_add] [--write]
+                                    [--variants bn gn_native gn_imnet gn_imnet_unfused_add]
+                                    [--cuda-graph] [--write]
 
 Synthetic data already on the GPU (a fixed random batch of 224x224 images and labels): this times
 the model, not a loader. Each training step is what imnet's engine does on one GPU: bf16 autocast
@@ -13,6 +14,11 @@ and input, cuDNN autotune on. Variants (imnet.models.build("resnet50", ...), 32 
   gn_imnet              model.gn_impl=triton: imnet's channels-last kernels, norm + ReLU fused, and
                         the end of each block relu(norm(x) + identity) fused
   gn_imnet_unfused_add  the same, but the residual add + ReLU left to PyTorch (does that fusion pay?)
+
+--cuda-graph captures each variant's whole step (forward, backward, SGD) once and replays it: the
+host's Python and launch overhead drop out, so comparing with and without says whether a variant is
+limited by the host (many small launches at 32 images) or by the GPU. Each graph keeps its own
+memory for the run, so use it at small batches (4 variants at 32 images).
 
 Throughput = images / second over `--steps` steps after `--warmup` (CUDA-synchronized wall clock).
 The variants alternate for `--rounds` rounds at each batch size; the median per variant is reported,
@@ -51,17 +57,34 @@ def build(variant: str) -> torch.nn.Module:
     return model.cuda().to(memory_format=torch.channels_last)
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor):
+def make_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, cuda_graph: bool = False):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # autocast's weight-cast cache is off under graph capture (PyTorch's CUDA graphs notes)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph):
             loss = F.cross_entropy(model(x), labels)
-        opt.zero_grad(set_to_none=True)
+        if not cuda_graph:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return step
+    if not cuda_graph:
+        return step
+    # Whole-step capture: warm up on a side stream (cuDNN autotuning, Triton compiles), then capture
+    # one step with the gradients unset, so that backward writes them from the graph's own pool.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def images_per_second(step, batch: int, steps: int, warmup: int) -> float:
@@ -82,6 +105,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each variant's whole training step as one CUDA graph: no host overhead, so "
+                        "the GPU time alone (does a variant lose to BN on the host or on the GPU?)")
     p.add_argument("--write", action="store_true", help=f"append the rows to BENCHMARKS.md below {MARKER}")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -102,14 +128,15 @@ def main() -> int:
     for batch in args.batches:
         x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 1000, (batch,), device="cuda")
-        steps = {v: make_step(m, x, labels) for v, m in models.items()}
+        steps = {v: make_step(m, x, labels, args.cuda_graph) for v, m in models.items()}
         results = {v: [] for v in steps}
         for _ in range(args.rounds):
             for v, step in steps.items():
                 results[v].append(images_per_second(step, batch, args.steps, args.warmup))
         med = {v: statistics.median(r) for v, r in results.items()}
         for v in steps:
-            row = f"| {head} | {batch} | {v} | {med[v]:.0f} | {med[v] / med['bn']:.3f} |"
+            name = f"{v} (CUDA graph)" if args.cuda_graph else v
+            row = f"| {head} | {batch} | {name} | {med[v]:.0f} | {med[v] / med['bn']:.3f} |"
             print(row, flush=True)
             rows.append(row)
         del x, labels, steps

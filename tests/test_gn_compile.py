@@ -83,3 +83,68 @@ def test_without_a_gpu_the_target_must_be_named(tmp_path):
         pytest.skip("a GPU is present: --arch and --sms default to it")
     r = _cli("--batches", "2", cache=tmp_path)
     assert r.returncode == 2 and "give the target's --arch and --sms" in r.stderr
+
+
+class _RecordingDriver(precompile.DryRunDriver):
+    """Compiles for sm_90; each launch is recorded as (kernel hash, grid, arguments) and not run."""
+
+    def __init__(self):
+        super().__init__(90)
+        self.launches = []
+
+    def launcher_cls(self, src, metadata):
+        def launch(gx, gy, gz, stream, function, packed, launch_metadata, enter, exit_, *args):
+            spec = [(a.dtype, tuple(a.shape), a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args]
+            self.launches.append((metadata.hash, (gx, gy, gz), spec))
+        return launch
+
+
+class _NoJit:
+    def __getitem__(self, grid):
+        raise AssertionError("a repeated launch went through Triton's JIT")
+
+
+@pytest.mark.parametrize("n, c, h, w, dtype, act, residual, unaligned_weight", [
+    (2, 64, 7, 7, torch.float32, None, False, False),
+    (1, 128, 5, 5, torch.bfloat16, "relu", False, True),
+    (2, 256, 3, 3, torch.float16, "relu", True, False),
+])
+def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dtype, act, residual,
+                                          unaligned_weight):
+    """The launch cache (group_norm._Launcher) starts the same compiled kernels with the same grid and
+    arguments as Triton's JIT, without asking the JIT again; a weight that is not 16-byte aligned is
+    another specialization, and gets its own entry."""
+    from triton.runtime import driver
+
+    from imnet.kernels import group_norm as gnk
+    from imnet.kernels import reference
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    rec = _RecordingDriver()
+    monkeypatch.setattr(driver, "_active", rec)
+    gnk._launchers.cache_clear()
+    try:
+        x, weight, bias, dy, r = reference.random_inputs(n, c, h, w, dtype, torch.Generator().manual_seed(0),
+                                                         residual)
+        if unaligned_weight:
+            weight = torch.cat([torch.zeros(1), weight])[1:]
+            assert weight.data_ptr() % 16 != 0
+
+        def layer():
+            xg = x.detach().requires_grad_()
+            y = gnk.group_norm(xg, 32, weight.requires_grad_(), bias.requires_grad_(), 1e-5, act=act,
+                               residual=r)
+            torch.autograd.grad(y, (xg, weight, bias), dy)
+
+        layer()
+        first = list(rec.launches)
+        assert len(first) == 6  # 3 forward, 3 backward
+        for launcher in gnk._launchers(False).values():
+            monkeypatch.setattr(launcher, "fn", _NoJit())
+        rec.launches.clear()
+        layer()
+        assert rec.launches == first
+    finally:
+        gnk._launchers.cache_clear()
+

@@ -61,7 +61,7 @@ class _Recorder:
     def __getitem__(self, grid):
         return self._record
 
-    def _record(self, *args, num_warps=4, **meta):
+    def _record(self, *args, key=None, num_warps=4, **meta):
         args = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
         launch = Launch(self.name, args, tuple(sorted(meta.items())), num_warps)
         self.launches.setdefault(launch.key(), launch)
@@ -85,19 +85,24 @@ def record(shapes, batches, dtypes, sms: int, groups: int = 32) -> list[Launch]:
                     x = torch.empty(n, c, h, w, dtype=dtype, device=meta).contiguous(memory_format=torch.channels_last)
                     for act in ACTS:
                         res = x if act == "residual_relu" else None
-                        y, mean, rstd, plan = gnk._forward(x, wb, wb, groups, 1e-5, act, res, None)
-                        gnk._backward(x, x, y, wb, wb, mean, rstd, groups, act, plan, True, True, res is not None)
+                        y, mean, rstd, plan, key = gnk._forward(x, wb, wb, groups, 1e-5, act, res, None)
+                        gnk._backward(x, x, y, wb, wb, mean, rstd, groups, act, plan, key, True, True,
+                                      res is not None)
     finally:
         gnk._kernels, gnk._sm_count = saved
     return list(launches.values())
 
 
-class _CompileOnlyDriver:
-    """What JITFunction.warmup asks of Triton's driver, for a GPU that is not there."""
+class DryRunDriver:
+    """What Triton's JIT asks of its driver, for a GPU that is not there: it reports the target
+    (compute capability `arch`, warp size 32), so kernels compile for it, and a launch of a compiled
+    kernel does everything on the Python side and then nothing (bench/gn_host_overhead.py times that).
+    Install with triton.runtime.driver.set_active(DryRunDriver(90))."""
 
-    def __init__(self, arch: int):
+    def __init__(self, arch: int, sms: int = 132):
         from triton.backends.compiler import GPUTarget
         self.target = GPUTarget("cuda", arch, 32)
+        self.utils = _DryRunUtils(sms)
 
     def get_current_device(self):
         return 0
@@ -107,6 +112,26 @@ class _CompileOnlyDriver:
 
     def get_current_target(self):
         return self.target
+
+    @staticmethod
+    def launcher_cls(src, metadata):
+        return _no_launch
+
+
+def _no_launch(*args, **kwargs):
+    return None
+
+
+class _DryRunUtils:
+    def __init__(self, sms: int):
+        self.sms = sms
+
+    @staticmethod
+    def load_binary(name, kernel, shared, device):
+        return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads: placeholders
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": self.sms}
 
 
 def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
@@ -132,8 +157,8 @@ def _compile_share(share: list[Launch], arch: int, report: bool) -> list[tuple]:
 
     from imnet.kernels import group_norm as gnk
 
-    driver.set_active(_CompileOnlyDriver(arch))
-    fns = gnk._jit(False)
+    driver.set_active(DryRunDriver(arch))
+    fns = gnk._jit(False)  # the JIT itself: warmup compiles without launching
     out = []
     for launch in share:
         kernel = fns[launch.kernel].warmup(*launch.args, grid=(1,), num_warps=launch.num_warps, **dict(launch.meta))
