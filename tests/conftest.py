@@ -1,5 +1,6 @@
 """Shared helpers: run the real CLI in subprocesses, multi-process ones inside a loopback-only
-network namespace (torchrun's store listens on every address; here only `lo` exists)."""
+network namespace (torchrun's store listens on every address; here only `lo` exists); the
+augmentation checks the dataset tests share."""
 
 import json
 import os
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,3 +82,27 @@ def small_run(tmp_path):
                 f"run.out_dir={tmp_path}", f"run.name={name}", "log.progress=false", "model.gn_groups=8",
                 *more]
     return make
+
+
+# ------------------------------------------------------------------ augmentation checks (datasets)
+
+def shifted_crops(img: torch.Tensor, pad: int) -> list[torch.Tensor]:
+    """Every crop a `pad`-pixel zero-padded random crop can produce from a (C, H, W) image."""
+    _, h, w = img.shape
+    padded = F.pad(img, (pad, pad, pad, pad))
+    return [padded[:, t : t + h, l : l + w] for t in range(2 * pad + 1) for l in range(2 * pad + 1)]
+
+
+def contains(candidates: list[torch.Tensor], x: torch.Tensor) -> bool:
+    return any(torch.equal(c, x) for c in candidates)
+
+
+def check_determinism(ds, index: int = 1, seeds=range(20)) -> list[torch.Tensor]:
+    """Same (i, seed) -> identical; some seeds differ; the global RNG is untouched."""
+    state = torch.get_rng_state()
+    outs = [ds[(index, s)][0] for s in seeds]
+    assert torch.equal(torch.get_rng_state(), state), "dataset access changed the global RNG"
+    for s, out in zip(seeds, outs):
+        assert torch.equal(ds[(index, s)][0], out)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:]), "different seeds gave the same augmentation"
+    return outs

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import check_determinism, contains, shifted_crops
 from imnet.data import transforms as tf
 from imnet.data.datasets import NAMES, DatasetInfo, build_dataset
 
@@ -102,31 +103,6 @@ def make_imagenet(root, classes=IMAGENET_COLORS, per_class=(3, 2)):
             os.makedirs(folder)
             for k in range(n):
                 Image.new("RGB", (40 + 4 * k, 30), color).save(os.path.join(folder, f"{wnid}_{k}.JPEG"), quality=95)
-
-
-# --------------------------------------------------------------------------------- helpers
-
-
-def shifted_crops(img: torch.Tensor, pad: int) -> list[torch.Tensor]:
-    """Every crop a `pad`-pixel zero-padded random crop can produce from a (C, H, W) image."""
-    _, h, w = img.shape
-    padded = torch.nn.functional.pad(img, (pad, pad, pad, pad))
-    return [padded[:, t : t + h, l : l + w] for t in range(2 * pad + 1) for l in range(2 * pad + 1)]
-
-
-def contains(candidates: list[torch.Tensor], x: torch.Tensor) -> bool:
-    return any(torch.equal(c, x) for c in candidates)
-
-
-def check_determinism(ds, index: int = 1, seeds=range(20)) -> list[torch.Tensor]:
-    """Same (i, seed) -> identical; some seeds differ; the global RNG is untouched."""
-    state = torch.get_rng_state()
-    outs = [ds[(index, s)][0] for s in seeds]
-    assert torch.equal(torch.get_rng_state(), state), "dataset access changed the global RNG"
-    for s, out in zip(seeds, outs):
-        assert torch.equal(ds[(index, s)][0], out)
-    assert any(not torch.equal(outs[0], o) for o in outs[1:]), "different seeds gave the same augmentation"
-    return outs
 
 
 # ----------------------------------------------------------------------------- MNIST / Fashion

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import check_determinism, contains, shifted_crops
 from imnet.data import convert, h5
 from imnet.data import transforms as tf
 from imnet.data.datasets import NAMES, DatasetInfo, TensorImageDataset, build_dataset
@@ -21,26 +22,6 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def norm(value: float, mean: float, std: float) -> float:
     return (value / 255 - mean) / std
-
-
-def shifted_crops(img: torch.Tensor, pad: int) -> list[torch.Tensor]:
-    _, h, w = img.shape
-    padded = torch.nn.functional.pad(img, (pad, pad, pad, pad))
-    return [padded[:, t : t + h, l : l + w] for t in range(2 * pad + 1) for l in range(2 * pad + 1)]
-
-
-def contains(candidates: list[torch.Tensor], x: torch.Tensor) -> bool:
-    return any(torch.equal(c, x) for c in candidates)
-
-
-def check_determinism(ds, index: int, seeds=range(20)) -> list[torch.Tensor]:
-    state = torch.get_rng_state()
-    outs = [ds[(index, s)][0] for s in seeds]
-    assert torch.equal(torch.get_rng_state(), state), "dataset access changed the global RNG"
-    for s, out in zip(seeds, outs):
-        assert torch.equal(ds[(index, s)][0], out)
-    assert any(not torch.equal(outs[0], o) for o in outs[1:]), "different seeds gave the same augmentation"
-    return outs
 
 
 def test_names_registered():

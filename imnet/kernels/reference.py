@@ -57,3 +57,23 @@ def random_inputs(n: int, c: int, h: int, w: int, dtype: torch.dtype, generator:
     dy = act(torch.randn(n, c, h, w, device=dev, generator=generator))
     r = act(torch.randn(n, c, h, w, device=dev, generator=generator)) if residual else None
     return x, weight, bias, dy, r
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref|."""
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def errors_vs_float64(y: torch.Tensor, grads, ins, dy: torch.Tensor, num_groups: int, eps: float,
+                      act: str | None) -> dict[str, float]:
+    """Relative errors of an output y = relu?(group_norm(x) (+ residual)) and its gradients, computed
+    from ins = [x, weight, bias(, residual)], against this reference in float64 on the same inputs.
+    Keys: y, dx, dgamma, dbeta (and dresidual)."""
+    ref_ins = [t.detach().double().requires_grad_() for t in ins]
+    y64 = group_norm(ref_ins[0], num_groups, ref_ins[1], ref_ins[2], eps, act=act,
+                     residual=ref_ins[3] if len(ref_ins) > 3 else None)
+    grads64 = torch.autograd.grad(y64, ref_ins, dy.double())
+    errs = {"y": relative_error(y, y64)}
+    for name, g, g64 in zip(("dx", "dgamma", "dbeta", "dresidual"), grads, grads64):
+        errs[name] = relative_error(g, g64)
+    return errs
