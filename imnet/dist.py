@@ -26,7 +26,7 @@ class Dist:
     local_rank: int
     device: torch.device
     backend: Optional[str]  # None when there is no process group (world 1)
-    launcher: str           # "torchrun" | "slurm" | "single"
+    launcher: str           # "torchrun" | "submitit" | "slurm" | "single"
 
     @property
     def is_main(self) -> bool:
@@ -56,8 +56,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
 def detect(env: Optional[dict] = None) -> tuple[str, int, int, int]:
     """(launcher, rank, world, local_rank) from the environment; sets MASTER_ADDR/PORT for srun."""
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or launch/submit.py (submitit exports the same)
+        launcher = "submitit" if "SUBMITIT_EXECUTOR" in env else "torchrun"
+        return launcher, int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # inside an srun step
         world = int(env["SLURM_STEP_NUM_TASKS"])
         if world > 1:

@@ -17,6 +17,13 @@ def test_detect_torchrun():
     assert detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == ("torchrun", 3, 4, 1)
 
 
+def test_detect_submitit_job():
+    """launch/submit.py's tasks export torch's variables too; submitit marks its jobs."""
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "1",
+           "SLURM_STEP_NUM_TASKS": "2"}
+    assert detect(env) == ("submitit", 1, 2, 0)
+
+
 def test_detect_srun_sets_master_from_first_node():
     env = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
            "SLURM_STEP_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"}

@@ -166,7 +166,7 @@ def test_two_node_ddp_run(cluster, reference):
     acct = cluster.run("sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", jid).stdout
     assert f"{jid}|COMPLETED|imnet-node[1-2]" in acct.splitlines()
     info = json.load(open(run_dir / "run_info.json"))
-    assert info["world"] == 2
+    assert info["world"] == 2 and info["launcher"] == "submitit"
     log = logs(slurm_dir, jid)
     assert "global_rank=0(2)" in log and "global_rank=1(2)" in log
     # metrics and checkpoint in the run folder
@@ -292,7 +292,8 @@ def test_local_executor_runs_two_ranks_without_slurm(tmp_path, no_slurm, workdir
     assert "submitit local executor" in out
     done = json.loads(re.search(r"done: (\{.*\})", out).group(1))
     assert done["step"] == 4 and done["n"] == 65
-    assert json.load(open(tmp_path / "loc" / "run_info.json"))["world"] == 2
+    info = json.load(open(tmp_path / "loc" / "run_info.json"))
+    assert info["world"] == 2 and info["launcher"] == "submitit"
     assert latest(tmp_path / "loc")["step"] == 4
 
 
