@@ -324,6 +324,17 @@ def test_dry_run_of_a_sweep(tmp_path, no_slurm, workdir):
         assert f"# would run {tmp_path}/bs/batch_size={b},norm=gn\n" in out
 
 
+
+def test_the_shipped_sweep_validates_every_point(tmp_path, no_slurm):
+    """configs/sweeps/cifar10_batch.yaml (GN vs BN x 5 batch sizes), from another folder: its base
+    config resolves next to the sweep file and all 10 points pass validation."""
+    out = run([*SUBMIT, "--sweep", os.path.join(ROOT, "configs", "sweeps", "cifar10_batch.yaml"), *CPU_TASKS,
+               "data.loader=gpu", f"run.out_dir={tmp_path}", "--dry-run"], env=no_slurm, cwd=tmp_path).stdout
+    assert "#SBATCH --array=0-9%10\n" in out  # all at once unless --array-parallelism
+    for norm in ("gn", "bn"):
+        for b in (32, 16, 8, 4, 2):
+            assert f"# would run {tmp_path}/cifar10_batch/norm={norm},batch_size={b}\n" in out
+
 BAD = [
     (["--nodes", "0"], "--nodes must be at least 1 (got 0)"),
     (["--partition", "gpu;rm -rf /"], "--partition 'gpu;rm -rf /': use letters, digits"),
