@@ -25,6 +25,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PY=${PYTHON:-python3}  # the GPU machine's image has python3 (with torch and Triton), maybe no `python`
 budget=${1:-540}
 start=$(date +%s)
 check_rc=3
@@ -49,15 +50,15 @@ step() {  # step NAME CAP_S COMMAND...
 }
 
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv;
-python -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")"'
-step precompile 120 python -m imnet.kernels.precompile --batches 2 32 256 --jobs "$(nproc)"
-step gn_gpu_check 150 python bench/gn_gpu_check.py --batches 2 32
+$PY -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")"'
+step precompile 120 $PY -m imnet.kernels.precompile --batches 2 32 256 --jobs "$(nproc)"
+step gn_gpu_check 150 $PY bench/gn_gpu_check.py --batches 2 32
 check_rc=$?
-step rn50_throughput 170 python bench/rn50_throughput.py --batches 256 32 --write
-step norm_kernels 100 python bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --write
-step norm_kernels_residual 60 python bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --epilogue residual --write
-step rn50_cuda_graph 90 python bench/rn50_throughput.py --batches 32 --cuda-graph --write
-step norm_kernels_compile 300 python bench/norm_kernels.py --batches 32 --write
+step rn50_throughput 170 $PY bench/rn50_throughput.py --batches 256 32 --write
+step norm_kernels 100 $PY bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --write
+step norm_kernels_residual 60 $PY bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --epilogue residual --write
+step rn50_cuda_graph 90 $PY bench/rn50_throughput.py --batches 32 --cuda-graph --write
+step norm_kernels_compile 300 $PY bench/norm_kernels.py --batches 32 --write
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
 echo "== done after $(($(date +%s) - start)) s; correctness check exit $check_rc"
 exit $check_rc
