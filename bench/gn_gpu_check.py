@@ -92,7 +92,9 @@ def main() -> int:
 
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)"
-    print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}")
+    from imnet.kernels.group_norm import tuning
+
+    print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}, IMNET_GN_TUNE={tuning()}")
     print("| N | C | HxW | dtype | epilogue | chunks | y | dx | dgamma | dbeta | dres | result |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     failures = 0

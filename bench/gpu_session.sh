@@ -5,26 +5,30 @@
 #   OUT=folder bash bench/gpu_session.sh [budget_s]
 #
 #   1. the card, driver, torch and Triton versions
-#   2. python -m imnet.kernels.precompile: every ResNet-50 kernel specialization compiled in parallel
-#      into Triton's cache (otherwise the steps below compile hundreds of them one by one)
+#   2. python -m imnet.kernels.precompile: the kernel specializations of the check compiled in
+#      parallel into Triton's cache (otherwise the steps below compile hundreds of them one by one);
+#      after each step the log says how many kernels the cache holds (a step that adds many missed it)
 #   3. bench/gn_gpu_check.py: the kernels against float64 on the GPU (exit 1 on a mismatch)
-#   4. bench/rn50_throughput.py --batches 256 32 --write: ResNet-50 training img/s, BN vs native GN
+#   4. bench/gn_tune.py: the launch-plan knobs timed on every ResNet-50 norm shape; the winner
+#      (IMNET_GN_TUNE) is used by the steps below and, if it is not the defaults, checked (3 again, bf16)
+#   5. bench/rn50_throughput.py --batches 256 32 --write: ResNet-50 training img/s, BN vs native GN
 #      vs imnet GN
-#   5. bench/norm_kernels.py --batches 32 2 --write (BN, native GN, imnet GN; then the residual
+#   6. bench/norm_kernels.py --batches 32 2 --write (BN, native GN, imnet GN; then the residual
 #      epilogue)
-#   6. bench/rn50_throughput.py --batches 32 --cuda-graph --write: the same models with the whole
+#   7. bench/rn50_throughput.py --batches 32 --cuda-graph --write: the same models with the whole
 #      step replayed as a CUDA graph (no host overhead): host-bound or GPU-bound at 32 images?
-#   7. bench/norm_kernels.py with torch.compile'd GN, if time is left (Inductor compiles per shape)
+#   8. bench/norm_kernels.py with torch.compile'd GN, if time is left (Inductor compiles per shape)
 #
 # Every step's output is appended to $OUT/session.log; BENCHMARKS.md with the new rows is copied
 # to $OUT/BENCHMARKS.md at the end (the rows are under the markers). A step that would start with
-# under 20 s left is skipped and says so. Exit status: that of the correctness check.
+# under 20 s left is skipped and says so. Exit status: that of the correctness check(s).
 set -u
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 export PY=${PYTHON:-python3}  # the GPU machine's image has python3 (with torch and Triton), maybe no `python`
 budget=${1:-540}
 start=$(date +%s)
@@ -35,7 +39,7 @@ step() {  # step NAME CAP_S COMMAND...
     shift 2
     left=$((budget - ($(date +%s) - start)))
     if [ "$left" -lt 20 ]; then
-        echo "== $name: SKIPPED, ${left} s of the budget left"
+        echo "== $name: SKIPPED, ${left} s of the budget left" | tee -a "$OUT/session.log"
         return 99
     fi
     [ "$cap" -gt "$left" ] && cap=$left
@@ -45,17 +49,29 @@ step() {  # step NAME CAP_S COMMAND...
     cat "$OUT/step.log" >>"$OUT/session.log"
     tail -n 30 "$OUT/step.log"
     rm -f "$OUT/step.log"
-    echo "== $name: exit $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/session.log"
+    local kernels
+    kernels=$(find "$TRITON_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l)
+    echo "== $name: exit $rc after $(($(date +%s) - start)) s; Triton's cache holds $kernels kernels" | tee -a "$OUT/session.log"
     return $rc
 }
 
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv;
 $PY -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")"'
-step precompile 120 $PY -m imnet.kernels.precompile --batches 2 32 256 --jobs "$(nproc)"
-step gn_gpu_check 150 $PY bench/gn_gpu_check.py --batches 2 32
+step precompile 100 $PY -m imnet.kernels.precompile --batches 2 32 --jobs "$(nproc)"
+step gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32
 check_rc=$?
+step gn_tune 150 $PY bench/gn_tune.py --batches 32 256 --budget 100 --jobs "$(nproc)" --env-out "$OUT/tune.env" --write
+[ -f "$OUT/tune.env" ] && . "$OUT/tune.env"
+export IMNET_GN_TUNE=${IMNET_GN_TUNE:-}
+echo "== IMNET_GN_TUNE='$IMNET_GN_TUNE' from here on" | tee -a "$OUT/session.log"
+step precompile_bf16 60 $PY -m imnet.kernels.precompile --batches 2 32 256 --dtypes bf16 --jobs "$(nproc)"
+if [ -n "$IMNET_GN_TUNE" ]; then
+    step gn_gpu_check_tuned 60 $PY bench/gn_gpu_check.py --batches 2 32 --dtypes bf16
+    rc=$?
+    [ "$check_rc" -eq 0 ] && check_rc=$rc
+fi
 step rn50_throughput 170 $PY bench/rn50_throughput.py --batches 256 32 --write
-step norm_kernels 100 $PY bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --write
+step norm_kernels 80 $PY bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --write
 step norm_kernels_residual 60 $PY bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --epilogue residual --write
 step rn50_cuda_graph 90 $PY bench/rn50_throughput.py --batches 32 --cuda-graph --write
 step norm_kernels_compile 300 $PY bench/norm_kernels.py --batches 32 --write

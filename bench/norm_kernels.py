@@ -135,7 +135,10 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
-    head = (f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__} | "
+    from imnet.kernels.group_norm import tuning
+
+    tune = f", IMNET_GN_TUNE={tuning()}" if str(tuning()) else ""  # the launch plan, if not the defaults
+    head = (f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__}{tune} | "
             f"{args.epilogue}")
     print(f"# copy bandwidth {bw / 1e9:.0f} GB/s on {gpu}")
     print("| date | GPU | versions | epilogue | N | C | HxW | layers | bn ms | gn ms | gn_compile ms | imnet ms "

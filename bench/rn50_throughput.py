@@ -120,7 +120,10 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name()
-    head = f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__}"
+    from imnet.kernels.group_norm import tuning
+
+    tune = f", IMNET_GN_TUNE={tuning()}" if str(tuning()) else ""  # the launch plan, if not the defaults
+    head = f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__}{tune}"
     models = {v: build(v) for v in args.variants}
     print("| date | GPU | versions | images/GPU | variant | img/s (median of rounds) | / bn |")
     print("|---|---|---|---|---|---|---|")

@@ -15,8 +15,8 @@ import torch
 from conftest import ROOT
 
 SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py") and f != "benchmarks_md.py")
-STEPS = ("env", "precompile", "gn_gpu_check", "rn50_throughput", "norm_kernels", "norm_kernels_residual",
-         "rn50_cuda_graph", "norm_kernels_compile")
+STEPS = ("env", "precompile", "gn_gpu_check", "gn_tune", "precompile_bf16", "rn50_throughput", "norm_kernels",
+         "norm_kernels_residual", "rn50_cuda_graph", "norm_kernels_compile")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -37,7 +37,45 @@ def test_gpu_session_runs_every_step_without_a_gpu(tmp_path):
     for step in STEPS:
         assert f"== {step}: exit " in log, (step, log)
     assert "unrecognized arguments" not in log and "invalid choice" not in log, log
-    assert log.count("needs a CUDA GPU") == 6  # gn_gpu_check, 2 x rn50_throughput, 3 x norm_kernels: all parse
-    assert "give the target's --arch and --sms" in log  # precompile without a GPU
+    # gn_gpu_check, gn_tune, 2 x rn50_throughput, 3 x norm_kernels: all parse their options
+    assert log.count("needs a CUDA GPU") == 7
+    assert log.count("give the target's --arch and --sms") == 2  # precompile without a GPU, twice
+    assert "IMNET_GN_TUNE='' from here on" in log  # no tuning measured: the defaults
     assert sorted(os.listdir(tmp_path)) == ["BENCHMARKS.md", "session.log"]
     assert (tmp_path / "BENCHMARKS.md").read_text() == before  # nothing measured, nothing written
+
+
+def test_gn_tune_rounds_budget_and_failures(capsys):
+    """bench/gn_tune.py's choice, with a stand-in for the GPU timing: round 1 runs the defaults first
+    and each configuration once, round 2 the merge of those that beat the defaults; a configuration
+    that raises is left out, and none starts once the budget is spent."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import gn_tune
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    ratio = {"": 1.0, "programs_per_sm=4": 0.9, "tile=8192,warps=8": 0.95, "block_c=64": 1.2,
+             "tile=8192,programs_per_sm=4,warps=8": 0.8}
+    calls = []
+
+    def measure(cfg):
+        calls.append(cfg)
+        if cfg == "tile=2048":
+            raise RuntimeError("out of resources")
+        return {32: {"bn": 1.0, "imnet": ratio[cfg]}, 256: {"bn": 2.0, "imnet": 2 * ratio[cfg]}}
+
+    configs = ["programs_per_sm=4", "block_c=64", "tile=2048", "tile=8192,warps=8", "programs_per_sm=4"]
+    results = gn_tune.tune(configs, measure, lambda: 1.0)
+    merged = "tile=8192,programs_per_sm=4,warps=8"  # in Tuning's field order
+    assert gn_tune.merge(["programs_per_sm=4", "tile=8192,warps=8"]) == merged
+    assert calls == ["", "programs_per_sm=4", "block_c=64", "tile=2048", "tile=8192,warps=8", merged]
+    assert list(results) == ["", "programs_per_sm=4", "block_c=64", "tile=8192,warps=8", merged]
+    assert gn_tune.score(results[merged]) == pytest.approx(1.6)
+    assert "tile=2048: failed, left out: RuntimeError: out of resources" in capsys.readouterr().out
+
+    calls.clear()
+    left = iter([1.0, 1.0, 0.0, 0.0, 0.0])
+    results = gn_tune.tune(configs, measure, lambda: next(left))
+    assert calls == ["", "programs_per_sm=4"] and "not run, the time budget is spent" in capsys.readouterr().out
+    # only one configuration beat the defaults: no merge
+    assert gn_tune.merge(["block_c=64", "block_c=32"]) == "block_c=64"  # a conflict: the first one wins

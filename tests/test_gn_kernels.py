@@ -21,6 +21,9 @@ matter who imported imnet.norm / imnet.kernels first.
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -228,6 +231,73 @@ def test_plan_fills_an_h100_with_two_images():
         assert gnk.plan(32, c, h * w, 32, 132).reduce_programs(32, c) >= 2 * 132
         big = gnk.plan(256, c, h * w, 32, 132)  # 256 images fill the GPU (almost) without a split
         assert big.chunks <= 2
+
+
+# --- launch-plan tuning (IMNET_GN_TUNE) --------------------------------------------------------
+
+TUNINGS = ["tile=512,block_c=16,warps=2", "programs_per_sm=8,tile=1024,align_rows=1", "tile=8192,warps=8,block_c=256"]
+
+
+@pytest.fixture
+def tuned():
+    """set_tuning(parse_tuning(text)) for the test, the defaults again after it."""
+    yield lambda text: gnk.set_tuning(gnk.parse_tuning(text))
+    gnk.set_tuning(gnk.Tuning())
+
+
+@pytest.mark.parametrize("text", TUNINGS)
+def test_other_tunings_compute_the_same_function(tuned, text):
+    tuned(text)
+    t = gnk.tuning()
+    p = gnk.plan(2, 64, 7 * 7, 32, 4)
+    assert p.block_c == min(64, t.block_c) and p.block_hw * p.block_c <= t.tile
+    assert p.num_warps == (t.warps or p.num_warps)
+    if t.align_rows:  # whole tiles in every chunk but the last
+        assert all(gnk.plan(2, c, h * w, 32, 132).rows % gnk.plan(2, c, h * w, 32, 132).block_hw == 0
+                   for c, h, w in resnet50_norm_shapes())
+    _check(2, 64, 7, 7, 32, torch.bfloat16, act="relu", residual=True)
+    _check(2, 256, 3, 3, 32, torch.float32, act="relu")
+    _check(1, 32, 5, 4, 8, torch.float16, rows_per_chunk=3)
+
+
+def test_set_tuning_replans_and_forgets_cached_launches(tuned):
+    x = _data(2, 256, 4, 4, torch.float32, 0)[0]
+    gnk.group_norm(x, 32)
+    default = gnk.plan(2, 256, 56 * 56, 32, 132)
+    tuned("block_c=32,programs_per_sm=4")
+    assert str(gnk.tuning()) == "block_c=32,programs_per_sm=4"
+    p = gnk.plan(2, 256, 56 * 56, 32, 132)
+    assert (default.block_c, p.block_c) == (128, 32) and p.reduce_programs(2, 256) >= 4 * 132
+    assert all(not launcher.cache for launcher in gnk._launchers(False).values())
+    _check(2, 256, 4, 4, 32, torch.float32)  # the new plan's kernels, not the old ones' constexprs
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tile=3000", "tile=3000 must be a power of 2"),
+    ("foo=1", "'foo=1' is not knob=value"),
+    ("tile", "'tile' is not knob=value"),
+    ("warps=3", "warps=3 must be a power of 2"),
+    ("programs_per_sm=0", "programs_per_sm=0 must be in"),
+    ("align_rows=2", "align_rows=2 must be a power of 2 in \\[0, 1\\]"),
+    ("programs_per_sm=two", "programs_per_sm='two' is not an integer"),
+    ("block_c=256,tile=128", "block_c=256 is larger than tile=128"),
+])
+def test_bad_tuning_strings_name_the_problem(text, message):
+    with pytest.raises(ValueError, match=f"IMNET_GN_TUNE: {message}"):
+        gnk.parse_tuning(text)
+
+
+def test_tuning_strings_round_trip_and_the_environment_sets_them():
+    assert str(gnk.Tuning()) == "" and gnk.parse_tuning("") == gnk.parse_tuning(" , ") == gnk.Tuning()
+    t = gnk.parse_tuning(" warps=8 , programs_per_sm=3")
+    assert t == gnk.Tuning(warps=8, programs_per_sm=3) and gnk.parse_tuning(str(t)) == t
+    code = "from imnet.kernels import group_norm as g; print(g.tuning())"
+    env = {**os.environ, "IMNET_GN_TUNE": "tile=2048,programs_per_sm=4"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "tile=2048,programs_per_sm=4"
+    env["IMNET_GN_TUNE"] = "tiles=2048"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and "IMNET_GN_TUNE: 'tiles=2048' is not knob=value" in bad.stderr
 
 
 # --- registry, config, models ----------------------------------------------------------------

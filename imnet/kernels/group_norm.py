@@ -36,12 +36,14 @@ reduction kernels, so their first reads hit what is still in L2; at 1-2 images p
 tensor fits in L2 (50 MB on an H100). Per-(chunk, channel) partials are float32, 8 bytes x C per
 chunk: small next to the tensor except for the 7x7 layers at N = 2, where everything is latency.
 
-Split heuristic (plan()): a GPU with `sms` SMs wants at least 2*sms programs. When the N * C/BLOCK_C
+Launch plan (plan()): BLOCK_C = min(C, 128) channels per program; tiles of 4096 elements (rows x
+BLOCK_C); a GPU with `sms` SMs wants at least P = 2*sms programs per kernel. When the N * C/BLOCK_C
 (sample, channel block) pairs are fewer than that, e.g. N = 1-2 images per GPU, the spatial rows are
-cut into S chunks of R = floor(HW / ceil(2*sms / (N * C/BLOCK_C))) rows, so the reduction grid has
->= 2*sms programs; otherwise S = 1. The apply kernels shrink their row tile until they have
->= 2*sms programs too. Both hold for every ResNet-50 norm shape at N = 2 on an H100 (132 SMs), see
-tests/test_gn_kernels.py.
+cut into S chunks of R = floor(HW / ceil(P / (N * C/BLOCK_C))) rows, so the reduction grid has
+>= P programs; otherwise S = 1. The apply kernels shrink their row tile until they have >= P
+programs too. Both hold for every ResNet-50 norm shape at N = 2 on an H100 (132 SMs), see
+tests/test_gn_kernels.py. The 128, 4096, 2 and the warps per program are the knobs of `Tuning`
+(IMNET_GN_TUNE="programs_per_sm=4,tile=8192"; bench/gn_tune.py times the alternatives on a GPU).
 
 Interpreter: `triton.jit` picks the CPU interpreter or the compiler when it decorates a function,
 from TRITON_INTERPRET at that moment. The kernels below are plain functions decorated on first use,
@@ -59,8 +61,6 @@ import triton.language as tl
 
 from imnet.kernels.reference import check_act
 
-TILE = 4096          # elements per (rows x channels) tile: 32 float32 registers per thread at 4 warps
-MAX_BLOCK_C = 128    # channels per program: 256 contiguous bytes of a bf16 row
 COMBINE_BLOCK = 1024
 
 ACT_CODES = {None: 0, "relu": 1, "residual_relu": 2}
@@ -330,6 +330,74 @@ def _npow2(v: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The launch plan's knobs. Defaults: see the module docstring; bench/gn_tune.py times others.
+
+    Set for a process with the environment variable IMNET_GN_TUNE (read when this module is first
+    imported, e.g. IMNET_GN_TUNE="programs_per_sm=4,tile=8192"), or with set_tuning().
+    """
+    tile: int = 4096            # elements per (rows x channels) tile: 32 float32 registers per thread at 4 warps
+    block_c: int = 128          # most channels per program: 256 contiguous bytes of a bf16 row
+    programs_per_sm: int = 2    # each kernel's grid aims at no fewer programs than this x SMs
+    warps: int = 0              # warps per program; 0: from the tile (4 from 2048 elements, 2 from 512, else 1)
+    align_rows: int = 0         # 1: split chunks of whole tiles (rows a multiple of the tile's rows, or a
+                                # power of 2 below it), so no tile of a chunk runs partly empty
+
+    def __str__(self) -> str:
+        """The IMNET_GN_TUNE string of the knobs that differ from the defaults ("" for the defaults)."""
+        default = Tuning()
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                        if getattr(self, f.name) != getattr(default, f.name))
+
+
+_TUNING_RANGES = {"tile": (64, 65536), "block_c": (16, 512), "programs_per_sm": (1, 64), "warps": (0, 16),
+                  "align_rows": (0, 1)}
+
+
+def parse_tuning(text: str) -> Tuning:
+    """Tuning from "knob=value,knob=value" (IMNET_GN_TUNE's format); "" gives the defaults."""
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in _TUNING_RANGES:
+            raise ValueError(f"IMNET_GN_TUNE: {item!r} is not knob=value with a knob among {', '.join(_TUNING_RANGES)}")
+        try:
+            v = int(value)
+        except ValueError:
+            raise ValueError(f"IMNET_GN_TUNE: {name}={value!r} is not an integer") from None
+        lo, hi = _TUNING_RANGES[name]
+        power_of_2 = name != "programs_per_sm" and v > 0
+        if not lo <= v <= hi or (power_of_2 and v & (v - 1)):
+            kind = "a power of 2 " if name != "programs_per_sm" else ""
+            raise ValueError(f"IMNET_GN_TUNE: {name}={v} must be {kind}in [{lo}, {hi}]"
+                             + (" (0: from the tile)" if name == "warps" else ""))
+        values[name] = v
+    t = Tuning(**values)
+    if t.block_c > t.tile:
+        raise ValueError(f"IMNET_GN_TUNE: block_c={t.block_c} is larger than tile={t.tile}")
+    return t
+
+
+_tuning = parse_tuning(os.environ.get("IMNET_GN_TUNE", ""))
+
+
+def tuning() -> Tuning:
+    """The knobs in use now."""
+    return _tuning
+
+
+def set_tuning(t: Tuning) -> None:
+    """Use these knobs from the next call on (forgets the launch plans and launch caches made so far)."""
+    global _tuning
+    _tuning = t
+    _plan.cache_clear()
+    for interpret in (False, True):
+        for launcher in _launchers(interpret).values():
+            launcher.cache.clear()
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     block_c: int         # channels per program, all kernels
     rows: int            # R: rows per spatial chunk of _fwd_stats / _bwd_reduce
@@ -346,28 +414,34 @@ class Plan:
         return n * _cdiv(hw, self.apply_block_hw) * _cdiv(c, self.block_c)
 
 
-@functools.lru_cache(maxsize=1024)
 def plan(n: int, c: int, hw: int, groups: int, sms: int, rows_per_chunk: int | None = None) -> Plan:
-    """Block sizes and the spatial split for an (n, c, hw) input; see the module docstring.
+    """Block sizes and the spatial split for an (n, c, hw) input with the current tuning (see the
+    module docstring). rows_per_chunk forces the chunk size (the tests use it to exercise the split
+    on small inputs)."""
+    return _plan(n, c, hw, groups, sms, rows_per_chunk, _tuning)
 
-    rows_per_chunk forces the chunk size (the tests use it to exercise the split on small inputs).
-    """
-    block_c = min(_npow2(c), MAX_BLOCK_C)
+
+@functools.lru_cache(maxsize=1024)
+def _plan(n: int, c: int, hw: int, groups: int, sms: int, rows_per_chunk: int | None, t: Tuning) -> Plan:
+    block_c = min(_npow2(c), t.block_c)
     cblocks = _cdiv(c, block_c)
-    target = 2 * sms
+    target = t.programs_per_sm * sms
     if rows_per_chunk is not None:
         rows = max(1, min(rows_per_chunk, hw))
     else:
         want = _cdiv(target, n * cblocks)   # chunks per (sample, channel block)
         rows = hw if want <= 1 else max(1, hw // want)
+        tile_rows = max(1, t.tile // block_c)
+        if t.align_rows and rows < hw:
+            rows = rows // tile_rows * tile_rows if rows >= tile_rows else 1 << (rows.bit_length() - 1)
     chunks = _cdiv(hw, rows)
-    block_hw = max(1, min(_npow2(rows), TILE // block_c))
-    apply_hw = max(1, min(_npow2(hw), TILE // block_c))
+    block_hw = max(1, min(_npow2(rows), t.tile // block_c))
+    apply_hw = max(1, min(_npow2(hw), t.tile // block_c))
     while apply_hw > 1 and n * _cdiv(hw, apply_hw) * cblocks < target:
         apply_hw //= 2
     combine = min(_npow2(chunks * (c // groups)), COMBINE_BLOCK)
     tile = max(block_hw, apply_hw) * block_c
-    num_warps = 4 if tile >= 2048 else 2 if tile >= 512 else 1
+    num_warps = t.warps or (4 if tile >= 2048 else 2 if tile >= 512 else 1)
     return Plan(block_c, rows, chunks, block_hw, apply_hw, combine, num_warps)
 
 

@@ -1,7 +1,8 @@
 """Compile the GroupNorm kernels ahead of time into Triton's on-disk cache, with or without a GPU.
 
     python -m imnet.kernels.precompile [--arch 90 --sms 132] [--batches 1 2 32 256]
-                                       [--dtypes bf16 fp16 fp32] [--jobs 8] [--report]
+                                       [--dtypes bf16 fp16 fp32] [--epilogues plain relu residual]
+                                       [--jobs 8] [--report]
 
 Triton compiles a kernel the first time it is launched with a new specialization (block sizes,
 dtypes, 16-byte alignment, integer arguments equal to 1), one after another, in the training
@@ -16,7 +17,8 @@ No GPU is needed: the workers give Triton a stand-in driver that reports the tar
 capability `--arch`, warp size 32) and compiles only; with a GPU, `--arch` and `--sms` default to
 the current device's. Run it on a machine with the same Triton version as the GPU nodes (the
 cache key holds Triton's version and ptxas's). `--report` also prints each kernel's registers per
-thread and spill bytes from ptxas -v (tests/test_gn_compile.py asserts no spills on sm_90).
+thread and spill bytes from ptxas -v (tests/test_gn_compile.py asserts no spills on sm_90). The
+launch plan is the one the training process will use: the same IMNET_GN_TUNE (group_norm.Tuning).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ACTS = (None, "relu", "residual_relu")
+ACTS = {"plain": None, "relu": "relu", "residual": "residual_relu"}
 KERNELS = ("_fwd_stats", "_fwd_combine", "_fwd_apply", "_bwd_reduce", "_bwd_combine", "_bwd_apply")
 
 
@@ -67,9 +69,10 @@ class _Recorder:
         self.launches.setdefault(launch.key(), launch)
 
 
-def record(shapes, batches, dtypes, sms: int, groups: int = 32) -> list[Launch]:
+def record(shapes, batches, dtypes, sms: int, groups: int = 32, acts=tuple(ACTS.values())) -> list[Launch]:
     """The distinct launches of forward + backward (all gradients) for every shape x batch x dtype x
-    epilogue, with the launch plan of a GPU with `sms` multiprocessors. Nothing is compiled."""
+    epilogue (`acts`), with the launch plan of a GPU with `sms` multiprocessors and the current
+    group_norm.tuning(). Nothing is compiled."""
     from imnet.kernels import group_norm as gnk
 
     launches: dict = {}
@@ -83,7 +86,7 @@ def record(shapes, batches, dtypes, sms: int, groups: int = 32) -> list[Launch]:
                 wb = torch.empty(c, device=meta)
                 for dtype in dtypes:
                     x = torch.empty(n, c, h, w, dtype=dtype, device=meta).contiguous(memory_format=torch.channels_last)
-                    for act in ACTS:
+                    for act in acts:
                         res = x if act == "residual_relu" else None
                         y, mean, rstd, plan, key = gnk._forward(x, wb, wb, groups, 1e-5, act, res, None)
                         gnk._backward(x, x, y, wb, wb, mean, rstd, groups, act, plan, key, True, True,
@@ -167,14 +170,23 @@ def _compile_share(share: list[Launch], arch: int, report: bool) -> list[tuple]:
     return out
 
 
-def compile_all(launches: list[Launch], arch: int, jobs: int, report: bool = False) -> list[tuple]:
+def compile_all(launches: list[Launch], arch: int, jobs: int, report: bool = False, pool=None) -> list[tuple]:
     """Compile in `jobs` fresh processes (spawned: Triton's compiler in forked children of a process
-    that already ran torch is not safe). Returns (kernel, constexprs, num_warps, registers, spills)."""
+    that already ran torch is not safe), or in `pool` (from `pool(jobs)`, to reuse across calls).
+    Returns (kernel, constexprs, num_warps, registers, spills)."""
     jobs = max(1, min(jobs, len(launches)))
     shares = [launches[i::jobs] for i in range(jobs)]
-    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+    if pool is not None:
         parts = pool.starmap(_compile_share, [(s, arch, report) for s in shares])
+    else:
+        with make_pool(jobs) as own:
+            parts = own.starmap(_compile_share, [(s, arch, report) for s in shares])
     return [r for part in parts for r in part]
+
+
+def make_pool(jobs: int):
+    """Worker processes for compile_all. They compile the launches they are given, whatever tuning."""
+    return multiprocessing.get_context("spawn").Pool(jobs)
 
 
 def main(argv=None) -> int:
@@ -183,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--sms", type=int, help="multiprocessors, for the launch plan (132: H100); default: this GPU's")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 32, 256], help="images per GPU")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--epilogues", nargs="+", default=list(ACTS), choices=list(ACTS))
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--report", action="store_true", help="print registers and spills per kernel (ptxas -v)")
@@ -201,11 +214,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     from imnet.models.resnet import resnet50_norm_shapes
 
-    launches = record(list(resnet50_norm_shapes(a.image_size)), a.batches, [DTYPES[d] for d in a.dtypes], a.sms)
+    from imnet.kernels import group_norm as gnk
+
+    launches = record(list(resnet50_norm_shapes(a.image_size)), a.batches, [DTYPES[d] for d in a.dtypes], a.sms,
+                      acts=[ACTS[e] for e in a.epilogues])
     results = compile_all(launches, a.arch, a.jobs, a.report)
     cache = os.environ.get("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
     print(f"precompile: {len(results)} kernel specializations for sm_{a.arch} ({a.sms} SMs) in "
-          f"{time.perf_counter() - t0:.0f} s with {a.jobs} processes, triton {triton.__version__}, cache {cache}")
+          f"{time.perf_counter() - t0:.0f} s with {a.jobs} processes, triton {triton.__version__}, cache {cache}"
+          + (f", IMNET_GN_TUNE={gnk.tuning()}" if str(gnk.tuning()) else ""))
     if a.report:
         for name in KERNELS:
             mine = [r for r in results if r[0] == name]
