@@ -31,7 +31,7 @@ import torch
 from benchmarks_md import append_rows
 
 MARKER = "<!-- gn_tune rows -->"
-ROUND1 = ("", "programs_per_sm=4", "programs_per_sm=8", "align_rows=1", "tile=8192,warps=8", "warps=8",
+ROUND1 = ("", "programs_per_sm=2", "programs_per_sm=8", "align_rows=1", "tile=8192,warps=8", "warps=8",
           "tile=2048", "block_c=64")
 
 

@@ -2,26 +2,27 @@
 # Every GPU measurement of the channels-last GroupNorm in one call, in order of importance, each
 # step capped so that the whole fits a time budget (default 540 s):
 #
-#   OUT=folder bash bench/gpu_session.sh [budget_s]
+#   OUT=folder [STEPS="env precompile ..."] bash bench/gpu_session.sh [budget_s]
 #
-#   1. the card, driver, torch and Triton versions
-#   2. python -m imnet.kernels.precompile: the kernel specializations of the check compiled in
-#      parallel into Triton's cache (otherwise the steps below compile hundreds of them one by one);
-#      after each step the log says how many kernels the cache holds (a step that adds many missed it)
-#   3. bench/gn_gpu_check.py: the kernels against float64 on the GPU (exit 1 on a mismatch)
-#   4. bench/gn_tune.py: the launch-plan knobs timed on every ResNet-50 norm shape; the winner
-#      (IMNET_GN_TUNE) is used by the steps below and, if it is not the defaults, checked (3 again, bf16)
-#   5. bench/rn50_throughput.py --batches 256 32 --write: ResNet-50 training img/s, BN vs native GN
-#      vs imnet GN
-#   6. bench/norm_kernels.py --batches 32 2 --write (BN, native GN, imnet GN; then the residual
-#      epilogue)
-#   7. bench/rn50_throughput.py --batches 32 --cuda-graph --write: the same models with the whole
-#      step replayed as a CUDA graph (no host overhead): host-bound or GPU-bound at 32 images?
-#   8. bench/norm_kernels.py with torch.compile'd GN, if time is left (Inductor compiles per shape)
+#   1. env: the card, driver, torch and Triton versions
+#   2. precompile, precompile_256: the kernel specializations of the check (2 and 32 images, all
+#      dtypes) and of the benchmarks (256 images, bf16) compiled in parallel into Triton's cache
+#      (otherwise the steps below compile hundreds of them one by one); after each step the log says
+#      how many kernels the cache holds (a step that adds many missed it)
+#   3. gn_gpu_check: the kernels against float64 on the GPU (exit 1 on a mismatch)
+#   4. norm_kernels_graph: bench/norm_kernels.py --cuda-graph --batches 256 32 2 --write, the GPU
+#      time of each norm layer (BN, native GN, imnet GN) and imnet's share of copy bandwidth
+#   5. rn50_throughput: ResNet-50 training img/s at 256 and 32 images, BN vs native GN vs imnet GN
+#   6. rn50_cuda_graph: the same at 32 images with each step replayed as a CUDA graph (no host
+#      overhead): host-bound or GPU-bound at 32 images?
+#   7. norm_kernels_graph_residual: 4 with the residual-add + ReLU epilogue
+#   8. gn_tune: bench/gn_tune.py, the launch-plan knobs against the defaults (IMNET_GN_TUNE)
+#   9. norm_kernels_compile: eager steps with torch.compile'd GN too, if time is left
 #
-# Every step's output is appended to $OUT/session.log; BENCHMARKS.md with the new rows is copied
-# to $OUT/BENCHMARKS.md at the end (the rows are under the markers). A step that would start with
-# under 20 s left is skipped and says so. Exit status: that of the correctness check(s).
+# STEPS (names above, space-separated) runs only those. Every step's output is appended to
+# $OUT/session.log; BENCHMARKS.md with the new rows is copied to $OUT/BENCHMARKS.md at the end (the
+# rows are under the markers). A step that would start with under 20 s left is skipped and says so.
+# Exit status: that of the correctness check.
 set -u
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
@@ -37,6 +38,9 @@ check_rc=3
 step() {  # step NAME CAP_S COMMAND...
     local name=$1 cap=$2 left
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+        return 0
+    fi
     left=$((budget - ($(date +%s) - start)))
     if [ "$left" -lt 20 ]; then
         echo "== $name: SKIPPED, ${left} s of the budget left" | tee -a "$OUT/session.log"
@@ -58,22 +62,14 @@ step() {  # step NAME CAP_S COMMAND...
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv;
 $PY -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")"'
 step precompile 100 $PY -m imnet.kernels.precompile --batches 2 32 --jobs "$(nproc)"
+step precompile_256 60 $PY -m imnet.kernels.precompile --batches 256 --dtypes bf16 --jobs "$(nproc)"
 step gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32
 check_rc=$?
-step gn_tune 150 $PY bench/gn_tune.py --batches 32 256 --budget 100 --jobs "$(nproc)" --env-out "$OUT/tune.env" --write
-[ -f "$OUT/tune.env" ] && . "$OUT/tune.env"
-export IMNET_GN_TUNE=${IMNET_GN_TUNE:-}
-echo "== IMNET_GN_TUNE='$IMNET_GN_TUNE' from here on" | tee -a "$OUT/session.log"
-step precompile_bf16 60 $PY -m imnet.kernels.precompile --batches 2 32 256 --dtypes bf16 --jobs "$(nproc)"
-if [ -n "$IMNET_GN_TUNE" ]; then
-    step gn_gpu_check_tuned 60 $PY bench/gn_gpu_check.py --batches 2 32 --dtypes bf16
-    rc=$?
-    [ "$check_rc" -eq 0 ] && check_rc=$rc
-fi
+step norm_kernels_graph 120 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --write
 step rn50_throughput 170 $PY bench/rn50_throughput.py --batches 256 32 --write
-step norm_kernels 80 $PY bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --write
-step norm_kernels_residual 60 $PY bench/norm_kernels.py --batches 32 2 --methods bn gn imnet --epilogue residual --write
 step rn50_cuda_graph 90 $PY bench/rn50_throughput.py --batches 32 --cuda-graph --write
+step norm_kernels_graph_residual 90 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --epilogue residual --write
+step gn_tune 150 $PY bench/gn_tune.py --batches 32 256 --budget 100 --jobs "$(nproc)" --write
 step norm_kernels_compile 300 $PY bench/norm_kernels.py --batches 32 --write
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
 echo "== done after $(($(date +%s) - start)) s; correctness check exit $check_rc"

@@ -1,14 +1,16 @@
 """Forward + backward time of one norm layer: BN, native GN, torch.compile'd GN and imnet's GN.
 
     python bench/norm_kernels.py [--batches 32 2] [--epilogue none|relu|residual] [--iters 50]
-                                 [--repeats 5] [--methods bn gn gn_compile imnet] [--write]
+                                 [--repeats 5] [--methods bn gn gn_compile imnet] [--cuda-graph] [--write]
 
 Every distinct ResNet-50 norm input shape (C, H, W at 224x224), channels-last bf16 activations with
 float32 parameters under bf16 autocast (as in training: native GN then runs in float32, which is
 part of its cost), at each batch size. One timed step is y = norm(x) then the gradients of x, gamma
 and beta for a random dy (torch.autograd.grad, so nothing accumulates). Timing: CUDA events around
 `--iters` steps after warm-up, `--repeats` times, the median per step; the methods alternate within
-each repeat so drift hits them alike.
+each repeat so drift hits them alike. Eager steps of the small layers at 32 or 2 images time the
+host (Python, autograd, launches), not the GPU: --cuda-graph captures the `--iters` steps as one
+CUDA graph per method and times its replays, the GPU's time alone.
 
   bn         nn.BatchNorm2d (cuDNN), training mode
   gn         nn.GroupNorm(32, C) (torch's kernel)
@@ -95,6 +97,21 @@ def make_step(method: str, c: int, epilogue: str, x, r, dy):
     return step
 
 
+def graphed(step, iters: int):
+    """`iters` steps captured as one CUDA graph (after warm-up on a side stream): its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            step()
+    return graph.replay
+
+
 def time_steps(steps: dict, iters: int, repeats: int, warmup: int = 10) -> dict[str, float]:
     for step in steps.values():
         for _ in range(warmup):
@@ -121,8 +138,13 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="leave out gn_compile to skip Inductor's compile per shape (its column reads '-')")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time `--iters` steps captured as one CUDA graph: the GPU's time without the host's "
+                        "(eager steps of small layers measure Python and launch overhead)")
     p.add_argument("--write", action="store_true", help=f"append the rows to BENCHMARKS.md below {MARKER}")
     args = p.parse_args()
+    if args.cuda_graph and "gn_compile" in args.methods:
+        p.error("--cuda-graph times bn, gn and imnet (leave out gn_compile)")
     if not {"bn", "imnet"} <= set(args.methods):
         p.error("--methods must include bn and imnet (the ratios)")
     if not torch.cuda.is_available():
@@ -139,7 +161,7 @@ def main() -> int:
 
     tune = f", IMNET_GN_TUNE={tuning()}" if str(tuning()) else ""  # the launch plan, if not the defaults
     head = (f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__}{tune} | "
-            f"{args.epilogue}")
+            f"{args.epilogue}{' (CUDA graph)' if args.cuda_graph else ''}")
     print(f"# copy bandwidth {bw / 1e9:.0f} GB/s on {gpu}")
     print("| date | GPU | versions | epilogue | N | C | HxW | layers | bn ms | gn ms | gn_compile ms | imnet ms "
           "| imnet GB/s | imnet % copy BW | imnet / bn time |")
@@ -158,7 +180,11 @@ def main() -> int:
                 r = r.contiguous(memory_format=cl).requires_grad_()
             torch._dynamo.reset()  # a fresh compile per shape (the cache is per code object, 8 entries)
             steps = {m: make_step(m, c, args.epilogue, x, r, dy) for m in METHODS if m in args.methods}
-            t = time_steps(steps, args.iters, args.repeats)
+            if args.cuda_graph:
+                steps = {m: graphed(step, args.iters) for m, step in steps.items()}
+                t = {m: v / args.iters for m, v in time_steps(steps, 1, args.repeats, warmup=2).items()}
+            else:
+                t = time_steps(steps, args.iters, args.repeats)
             tensors = 5 + (2 if args.epilogue == "residual" else 0)
             gbs = tensors * x.numel() * x.element_size() / t["imnet"]
             row = (f"| {head} | {n} | {c} | {h}x{w} | {count} | " + " | ".join(f"{t[m] * 1e3:.3f}" if m in t else "-" for m in METHODS)

@@ -15,8 +15,8 @@ import torch
 from conftest import ROOT
 
 SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py") and f != "benchmarks_md.py")
-STEPS = ("env", "precompile", "gn_gpu_check", "gn_tune", "precompile_bf16", "rn50_throughput", "norm_kernels",
-         "norm_kernels_residual", "rn50_cuda_graph", "norm_kernels_compile")
+STEPS = ("env", "precompile", "precompile_256", "gn_gpu_check", "norm_kernels_graph", "rn50_throughput",
+         "rn50_cuda_graph", "norm_kernels_graph_residual", "gn_tune", "norm_kernels_compile")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -40,9 +40,18 @@ def test_gpu_session_runs_every_step_without_a_gpu(tmp_path):
     # gn_gpu_check, gn_tune, 2 x rn50_throughput, 3 x norm_kernels: all parse their options
     assert log.count("needs a CUDA GPU") == 7
     assert log.count("give the target's --arch and --sms") == 2  # precompile without a GPU, twice
-    assert "IMNET_GN_TUNE='' from here on" in log  # no tuning measured: the defaults
     assert sorted(os.listdir(tmp_path)) == ["BENCHMARKS.md", "session.log"]
     assert (tmp_path / "BENCHMARKS.md").read_text() == before  # nothing measured, nothing written
+
+
+def test_gpu_session_runs_only_the_named_steps(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_session.sh"), "300"],
+                       env={**env, "OUT": str(tmp_path), "STEPS": "env gn_gpu_check"},
+                       capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "session.log").read_text()
+    assert r.returncode == 2 and [line.split(":")[0] for line in log.splitlines() if " exit " in line] == \
+        ["== env", "== gn_gpu_check"], log
 
 
 def test_gn_tune_rounds_budget_and_failures(capsys):
@@ -54,8 +63,8 @@ def test_gn_tune_rounds_budget_and_failures(capsys):
         import gn_tune
     finally:
         sys.path.remove(os.path.join(ROOT, "bench"))
-    ratio = {"": 1.0, "programs_per_sm=4": 0.9, "tile=8192,warps=8": 0.95, "block_c=64": 1.2,
-             "tile=8192,programs_per_sm=4,warps=8": 0.8}
+    ratio = {"": 1.0, "programs_per_sm=2": 0.9, "tile=8192,warps=8": 0.95, "block_c=64": 1.2,
+             "tile=8192,programs_per_sm=2,warps=8": 0.8}
     calls = []
 
     def measure(cfg):
@@ -64,18 +73,18 @@ def test_gn_tune_rounds_budget_and_failures(capsys):
             raise RuntimeError("out of resources")
         return {32: {"bn": 1.0, "imnet": ratio[cfg]}, 256: {"bn": 2.0, "imnet": 2 * ratio[cfg]}}
 
-    configs = ["programs_per_sm=4", "block_c=64", "tile=2048", "tile=8192,warps=8", "programs_per_sm=4"]
+    configs = ["programs_per_sm=2", "block_c=64", "tile=2048", "tile=8192,warps=8", "programs_per_sm=2"]
     results = gn_tune.tune(configs, measure, lambda: 1.0)
-    merged = "tile=8192,programs_per_sm=4,warps=8"  # in Tuning's field order
-    assert gn_tune.merge(["programs_per_sm=4", "tile=8192,warps=8"]) == merged
-    assert calls == ["", "programs_per_sm=4", "block_c=64", "tile=2048", "tile=8192,warps=8", merged]
-    assert list(results) == ["", "programs_per_sm=4", "block_c=64", "tile=8192,warps=8", merged]
+    merged = "tile=8192,programs_per_sm=2,warps=8"  # in Tuning's field order
+    assert gn_tune.merge(["programs_per_sm=2", "tile=8192,warps=8"]) == merged
+    assert calls == ["", "programs_per_sm=2", "block_c=64", "tile=2048", "tile=8192,warps=8", merged]
+    assert list(results) == ["", "programs_per_sm=2", "block_c=64", "tile=8192,warps=8", merged]
     assert gn_tune.score(results[merged]) == pytest.approx(1.6)
     assert "tile=2048: failed, left out: RuntimeError: out of resources" in capsys.readouterr().out
 
     calls.clear()
     left = iter([1.0, 1.0, 0.0, 0.0, 0.0])
     results = gn_tune.tune(configs, measure, lambda: next(left))
-    assert calls == ["", "programs_per_sm=4"] and "not run, the time budget is spent" in capsys.readouterr().out
+    assert calls == ["", "programs_per_sm=2"] and "not run, the time budget is spent" in capsys.readouterr().out
     # only one configuration beat the defaults: no merge
     assert gn_tune.merge(["block_c=64", "block_c=32"]) == "block_c=64"  # a conflict: the first one wins

@@ -37,13 +37,14 @@ tensor fits in L2 (50 MB on an H100). Per-(chunk, channel) partials are float32,
 chunk: small next to the tensor except for the 7x7 layers at N = 2, where everything is latency.
 
 Launch plan (plan()): BLOCK_C = min(C, 128) channels per program; tiles of 4096 elements (rows x
-BLOCK_C); a GPU with `sms` SMs wants at least P = 2*sms programs per kernel. When the N * C/BLOCK_C
+BLOCK_C); a GPU with `sms` SMs wants at least P = 4*sms programs per kernel. When the N * C/BLOCK_C
 (sample, channel block) pairs are fewer than that, e.g. N = 1-2 images per GPU, the spatial rows are
 cut into S chunks of R = floor(HW / ceil(P / (N * C/BLOCK_C))) rows, so the reduction grid has
 >= P programs; otherwise S = 1. The apply kernels shrink their row tile until they have >= P
 programs too. Both hold for every ResNet-50 norm shape at N = 2 on an H100 (132 SMs), see
-tests/test_gn_kernels.py. The 128, 4096, 2 and the warps per program are the knobs of `Tuning`
-(IMNET_GN_TUNE="programs_per_sm=4,tile=8192"; bench/gn_tune.py times the alternatives on a GPU).
+tests/test_gn_kernels.py. The 128, 4096, 4 and the warps per program are the knobs of `Tuning`
+(IMNET_GN_TUNE="programs_per_sm=2,tile=8192"; bench/gn_tune.py times the alternatives on a GPU: on an
+H100, 4 programs per SM beat 2 and 8, see BENCHMARKS.md).
 
 Interpreter: `triton.jit` picks the CPU interpreter or the compiler when it decorates a function,
 from TRITON_INTERPRET at that moment. The kernels below are plain functions decorated on first use,
@@ -334,11 +335,11 @@ class Tuning:
     """The launch plan's knobs. Defaults: see the module docstring; bench/gn_tune.py times others.
 
     Set for a process with the environment variable IMNET_GN_TUNE (read when this module is first
-    imported, e.g. IMNET_GN_TUNE="programs_per_sm=4,tile=8192"), or with set_tuning().
+    imported, e.g. IMNET_GN_TUNE="programs_per_sm=2,tile=8192"), or with set_tuning().
     """
     tile: int = 4096            # elements per (rows x channels) tile: 32 float32 registers per thread at 4 warps
     block_c: int = 128          # most channels per program: 256 contiguous bytes of a bf16 row
-    programs_per_sm: int = 2    # each kernel's grid aims at no fewer programs than this x SMs
+    programs_per_sm: int = 4    # each kernel's grid aims at no fewer programs than this x SMs
     warps: int = 0              # warps per program; 0: from the tile (4 from 2048 elements, 2 from 512, else 1)
     align_rows: int = 0         # 1: split chunks of whole tiles (rows a multiple of the tile's rows, or a
                                 # power of 2 below it), so no tile of a chunk runs partly empty
