@@ -6,7 +6,8 @@
 For each configuration (an IMNET_GN_TUNE string; "" is the defaults): compile its launches (bf16,
 norm + ReLU, every distinct ResNet-50 norm shape at the given batches) in parallel processes with
 imnet.kernels.precompile, then time forward + backward of norm + ReLU on each shape exactly as
-bench/norm_kernels.py --epilogue relu does, with BN + ReLU timed alongside in the same repeats.
+bench/norm_kernels.py --epilogue relu --cuda-graph does (`--iters` steps as one CUDA graph: the GPU's
+time, not the host's), with BN + ReLU timed alongside in the same repeats.
 Each time is weighted by how many layers of ResNet-50 have that shape: the norm time per ResNet-50
 step, imnet's and BN's, and their ratio. The score of a configuration is its ratio summed over the
 batches (lower is better).
@@ -101,7 +102,7 @@ def main() -> int:
 
     from imnet.kernels import precompile
     from imnet.models.resnet import resnet50_norm_shapes
-    from norm_kernels import make_step, time_steps
+    from norm_kernels import graphed, make_step, time_steps
 
     t0 = time.perf_counter()
     torch.backends.cudnn.benchmark = True
@@ -131,8 +132,8 @@ def main() -> int:
             total = {"bn": 0.0, "imnet": 0.0}
             for (c, h, w), count in shapes.items():
                 x, dy = inputs[n, c, h, w]
-                steps = {m: make_step(m, c, "relu", x, None, dy) for m in ("bn", "imnet")}
-                t = time_steps(steps, args.iters, args.repeats)
+                steps = {m: graphed(make_step(m, c, "relu", x, None, dy), args.iters) for m in ("bn", "imnet")}
+                t = {m: v / args.iters for m, v in time_steps(steps, 1, args.repeats, warmup=2).items()}
                 for m in total:
                     total[m] += count * t[m]
                 print(f"#   {cfg or 'defaults'} N={n} C={c} {h}x{w}: bn {t['bn'] * 1e3:.3f} ms, "

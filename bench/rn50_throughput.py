@@ -17,8 +17,8 @@ and input, cuDNN autotune on. Variants (imnet.models.build("resnet50", ...), 32 
 
 --cuda-graph captures each variant's whole step (forward, backward, SGD) once and replays it: the
 host's Python and launch overhead drop out, so comparing with and without says whether a variant is
-limited by the host (many small launches at 32 images) or by the GPU. Each graph keeps its own
-memory for the run, so use it at small batches (4 variants at 32 images).
+limited by the host (many small launches at 32 images) or by the GPU. Each variant then runs in a
+process of its own (its rounds back to back, not alternating with the other variants).
 
 Throughput = images / second over `--steps` steps after `--warmup` (CUDA-synchronized wall clock).
 The variants alternate for `--rounds` rounds at each batch size; the median per variant is reported,
@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -98,6 +100,25 @@ def images_per_second(step, batch: int, steps: int, warmup: int) -> float:
     return batch * steps / (time.perf_counter() - t0)
 
 
+def measure(args) -> dict:
+    """{variant: {batch: median img/s}} for args.variants in this process, variants alternating."""
+    models = {v: build(v) for v in args.variants}
+    med: dict = {v: {} for v in args.variants}
+    for batch in args.batches:
+        x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 1000, (batch,), device="cuda")
+        steps = {v: make_step(m, x, labels, args.cuda_graph) for v, m in models.items()}
+        results = {v: [] for v in steps}
+        for _ in range(args.rounds):
+            for v, step in steps.items():
+                results[v].append(images_per_second(step, batch, args.steps, args.warmup))
+        for v, r in results.items():
+            med[v][batch] = statistics.median(r)
+        del x, labels, steps
+        torch.cuda.empty_cache()
+    return med
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[256, 32], help="images per GPU")
@@ -109,6 +130,7 @@ def main() -> int:
                    help="replay each variant's whole training step as one CUDA graph: no host overhead, so "
                         "the GPU time alone (does a variant lose to BN on the host or on the GPU?)")
     p.add_argument("--write", action="store_true", help=f"append the rows to BENCHMARKS.md below {MARKER}")
+    p.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)  # one variant's figures, for the parent
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("rn50_throughput: needs a CUDA GPU", file=sys.stderr)
@@ -122,27 +144,34 @@ def main() -> int:
 
     tune = f", IMNET_GN_TUNE={tuning()}" if str(tuning()) else ""  # the launch plan, if not the defaults
     head = f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__}{tune}"
-    models = {v: build(v) for v in args.variants}
+    if args.cuda_graph and len(args.variants) > 1:
+        # One process per variant: with several whole-step graphs captured in one process the first
+        # replay failed on an H100 (illegal memory access), while each variant alone ran.
+        med = {}
+        for v in args.variants:
+            cmd = [sys.executable, __file__, "--variants", v, "--cuda-graph", "--emit-json", "--batches",
+                   *map(str, args.batches), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--rounds", str(args.rounds)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(f"rn50_throughput: {v} failed:\n{out.stdout}{out.stderr}", file=sys.stderr)
+                return 1
+            med[v] = {int(b): r for b, r in json.loads(out.stdout.splitlines()[-1]).items()}
+    else:
+        med = measure(args)
+    if args.emit_json:
+        print(json.dumps({b: med[args.variants[0]][b] for b in args.batches}))
+        return 0
     print("| date | GPU | versions | images/GPU | variant | img/s (median of rounds) | / bn |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     for batch in args.batches:
-        x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
-        labels = torch.randint(0, 1000, (batch,), device="cuda")
-        steps = {v: make_step(m, x, labels, args.cuda_graph) for v, m in models.items()}
-        results = {v: [] for v in steps}
-        for _ in range(args.rounds):
-            for v, step in steps.items():
-                results[v].append(images_per_second(step, batch, args.steps, args.warmup))
-        med = {v: statistics.median(r) for v, r in results.items()}
-        for v in steps:
+        for v in args.variants:
             name = f"{v} (CUDA graph)" if args.cuda_graph else v
-            ratio = f"{med[v] / med['bn']:.3f}" if "bn" in med else "-"  # without bn: no ratio
-            row = f"| {head} | {batch} | {name} | {med[v]:.0f} | {ratio} |"
+            ratio = f"{med[v][batch] / med['bn'][batch]:.3f}" if "bn" in med else "-"  # without bn: no ratio
+            row = f"| {head} | {batch} | {name} | {med[v][batch]:.0f} | {ratio} |"
             print(row, flush=True)
             rows.append(row)
-        del x, labels, steps
-        torch.cuda.empty_cache()
     if args.write:
         append_rows(MARKER, rows)
     return 0
