@@ -15,6 +15,8 @@ the others <= 80. With Triton 3.6.0 (the GPU machine's version, installed aside 
 pass with 3.6.0 as well.
 """
 
+import gc
+import json
 import os
 import re
 import subprocess
@@ -92,6 +94,8 @@ class _RecordingDriver(precompile.DryRunDriver):
     def __init__(self):
         super().__init__(90)
         self.launches = []
+        # Triton >= 3.7 unloads a compiled kernel's module when the kernel is freed (CompiledKernel.__del__).
+        self.utils.unload_module = lambda module: None
 
     def launcher_cls(self, src, metadata):
         def launch(gx, gy, gz, stream, function, packed, launch_metadata, enter, exit_, *args):
@@ -149,3 +153,58 @@ def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dty
     finally:
         gnk._launchers.cache_clear()
 
+
+
+def test_a_real_launch_loads_what_precompile_compiled(monkeypatch, tmp_path):
+    """The point of precompile: a launch through Triton's JIT (kernel[grid](...), as in training, not
+    JITFunction.warmup) looks up the very cache entries precompile wrote, so the first step on an H100
+    compiles nothing. Precompiled here for sm_90 / 132 SMs at 2 images, fp32, 32x32 images; then, in
+    this process, forward + backward of two of those norm layers in each epilogue through the JIT with
+    the recording driver (sm_90, nothing runs) and the H100's SM count in the launch plan."""
+    from triton.runtime import driver
+
+    from imnet.kernels import group_norm as gnk
+    from imnet.kernels import reference
+    from imnet.models.resnet import resnet50_norm_shapes
+
+    shapes = [(64, 32, 32), (2048, 4, 4)]  # the first and last of ResNet-50's at 32x32 images
+    assert set(shapes) <= set(resnet50_norm_shapes(32))
+    cache = tmp_path / "cache"
+    r = _cli("--arch", "90", "--sms", "132", "--batches", "2", "--dtypes", "fp32", "--image-size", "32",
+             "--jobs", "2", cache=cache)
+    assert r.returncode == 0, r.stderr
+    before = {p: p.stat().st_mtime_ns for p in _cubins(cache)}
+    assert before
+    hashes = {json.loads(p.with_suffix(".json").read_text())["hash"] for p in before}  # each kernel's key
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    rec = _RecordingDriver()
+    assert rec.get_current_target().arch == 90  # what precompile --arch 90 compiled for
+    monkeypatch.setattr(driver, "_active", rec)
+    monkeypatch.setattr(gnk, "_sm_count", lambda device: 132)  # CPU tensors: the H100's launch plan
+
+    def forget_kernels():
+        """The JIT's and the launch caches' kernels, as in a new process; freed while `rec` is the driver
+        (Triton 3.8 has the driver unload a kernel that is freed)."""
+        gnk._launchers.cache_clear()
+        for fn in gnk._jit(False).values():
+            fn.device_caches.clear()
+        gc.collect()
+
+    forget_kernels()
+    try:
+        for c, h, w in shapes:
+            for act, residual in ((None, False), ("relu", False), ("relu", True)):
+                x, weight, bias, dy, res = reference.random_inputs(2, c, h, w, torch.float32,
+                                                                   torch.Generator().manual_seed(0), residual)
+                xg, wg, bg = (t.requires_grad_() for t in (x, weight, bias))
+                rec.launches.clear()
+                y = gnk.group_norm(xg, 32, wg, bg, 1e-5, act=act, residual=res)
+                torch.autograd.grad(y, (xg, wg, bg), dy)
+                assert len(rec.launches) == 6, (c, h, w, act, residual)  # 3 forward, 3 backward
+                # Each kernel launched is one precompile wrote.
+                assert {launch[0] for launch in rec.launches} <= hashes, (c, h, w, act, residual)
+        assert {p: p.stat().st_mtime_ns for p in _cubins(cache)} == before  # nothing compiled
+    finally:
+        forget_kernels()
