@@ -1,4 +1,5 @@
-"""Shared by the bench scripts: insert result rows into BENCHMARKS.md below a section's marker line."""
+"""Shared by the bench scripts: insert result rows into BENCHMARKS.md below a section's marker line,
+and the rows' common first columns on a GPU."""
 
 import os
 
@@ -13,3 +14,18 @@ def append_rows(marker: str, rows: list[str]) -> None:
         raise SystemExit(f"--write: no {marker} line in {PATH}; add the section first")
     with open(PATH, "w") as f:
         f.write(text.replace(marker, marker + "\n" + "\n".join(rows), 1))
+
+
+def gpu_head(with_tuning: bool = True) -> str:
+    """"date | GPU | torch .., triton ..": a GPU row's first three cells, with the GroupNorm launch
+    plan's IMNET_GN_TUNE appended to the versions when it is not the defaults (and with_tuning)."""
+    import datetime
+
+    import torch
+    import triton
+
+    from imnet.kernels.group_norm import tuning
+
+    tune = f", IMNET_GN_TUNE={tuning()}" if with_tuning and str(tuning()) else ""
+    return (f"{datetime.date.today()} | {torch.cuda.get_device_name()} | torch {torch.__version__}, "
+            f"triton {triton.__version__}{tune}")

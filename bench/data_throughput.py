@@ -30,7 +30,6 @@ import torch
 from benchmarks_md import append_rows
 
 
-
 def write_jpegs(root: str, n: int, classes: int = 4) -> None:
     from PIL import Image
 

@@ -22,14 +22,13 @@ table; --env-out writes `IMNET_GN_TUNE=<winner>` (empty for the defaults) for a 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
 
 import torch
 
-from benchmarks_md import append_rows
+from benchmarks_md import append_rows, gpu_head
 
 MARKER = "<!-- gn_tune rows -->"
 ROUND1 = ("", "programs_per_sm=2", "programs_per_sm=8", "align_rows=1", "tile=8192,warps=8", "warps=8",
@@ -98,11 +97,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gn_tune: needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     from imnet.kernels import precompile
     from imnet.models.resnet import resnet50_norm_shapes
-    from norm_kernels import graphed, make_step, time_steps
+    from norm_kernels import make_step, time_methods
 
     t0 = time.perf_counter()
     torch.backends.cudnn.benchmark = True
@@ -117,8 +114,8 @@ def main() -> int:
             x = (3 * torch.randn(n, c, h, w, device="cuda", generator=gen) + 5).to(torch.bfloat16)
             dy = torch.randn(n, c, h, w, device="cuda", generator=gen).to(torch.bfloat16)
             inputs[n, c, h, w] = (x.contiguous(memory_format=cl).requires_grad_(), dy.contiguous(memory_format=cl))
-    gpu = torch.cuda.get_device_name()
-    head = f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__}"
+    head = gpu_head(with_tuning=False)  # each row names its own configuration
+    base = gnk.tuning()
     pool = precompile.make_pool(args.jobs)
 
     def measure(cfg: str) -> dict:
@@ -132,8 +129,8 @@ def main() -> int:
             total = {"bn": 0.0, "imnet": 0.0}
             for (c, h, w), count in shapes.items():
                 x, dy = inputs[n, c, h, w]
-                steps = {m: graphed(make_step(m, c, "relu", x, None, dy), args.iters) for m in ("bn", "imnet")}
-                t = {m: v / args.iters for m, v in time_steps(steps, 1, args.repeats, warmup=2).items()}
+                steps = {m: make_step(m, c, "relu", x, None, dy) for m in ("bn", "imnet")}
+                t = time_methods(steps, args.iters, args.repeats, cuda_graph=True)
                 for m in total:
                     total[m] += count * t[m]
                 print(f"#   {cfg or 'defaults'} N={n} C={c} {h}x{w}: bn {t['bn'] * 1e3:.3f} ms, "
@@ -148,7 +145,7 @@ def main() -> int:
         results = tune(configs, measure, lambda: args.budget - (time.perf_counter() - t0))
     finally:
         pool.close()
-        gnk.set_tuning(gnk.Tuning())
+        gnk.set_tuning(base)
     if not results:
         print("gn_tune: no configuration was measured", file=sys.stderr)
         return 1

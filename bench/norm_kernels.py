@@ -33,15 +33,13 @@ Prints a markdown table. --write appends the rows to BENCHMARKS.md below the lin
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from benchmarks_md import append_rows
+from benchmarks_md import append_rows, gpu_head
 
 MARKER = "<!-- norm_kernels rows -->"
 METHODS = ("bn", "gn", "gn_compile", "imnet")
@@ -112,6 +110,14 @@ def graphed(step, iters: int):
     return graph.replay
 
 
+def time_methods(steps: dict, iters: int, repeats: int, cuda_graph: bool) -> dict[str, float]:
+    """Seconds per step of each method: eager steps, or `iters` steps captured as one CUDA graph."""
+    if not cuda_graph:
+        return time_steps(steps, iters, repeats)
+    graphs = {m: graphed(step, iters) for m, step in steps.items()}
+    return {m: v / iters for m, v in time_steps(graphs, 1, repeats, warmup=2).items()}
+
+
 def time_steps(steps: dict, iters: int, repeats: int, warmup: int = 10) -> dict[str, float]:
     for step in steps.values():
         for _ in range(warmup):
@@ -150,18 +156,12 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("norm_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     from imnet.models.resnet import resnet50_norm_shapes
 
     torch.backends.cudnn.benchmark = True
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
-    from imnet.kernels.group_norm import tuning
-
-    tune = f", IMNET_GN_TUNE={tuning()}" if str(tuning()) else ""  # the launch plan, if not the defaults
-    head = (f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__}{tune} | "
-            f"{args.epilogue}{' (CUDA graph)' if args.cuda_graph else ''}")
+    head = f"{gpu_head()} | {args.epilogue}{' (CUDA graph)' if args.cuda_graph else ''}"
     print(f"# copy bandwidth {bw / 1e9:.0f} GB/s on {gpu}")
     print("| date | GPU | versions | epilogue | N | C | HxW | layers | bn ms | gn ms | gn_compile ms | imnet ms "
           "| imnet GB/s | imnet % copy BW | imnet / bn time |")
@@ -180,11 +180,7 @@ def main() -> int:
                 r = r.contiguous(memory_format=cl).requires_grad_()
             torch._dynamo.reset()  # a fresh compile per shape (the cache is per code object, 8 entries)
             steps = {m: make_step(m, c, args.epilogue, x, r, dy) for m in METHODS if m in args.methods}
-            if args.cuda_graph:
-                steps = {m: graphed(step, args.iters) for m, step in steps.items()}
-                t = {m: v / args.iters for m, v in time_steps(steps, 1, args.repeats, warmup=2).items()}
-            else:
-                t = time_steps(steps, args.iters, args.repeats)
+            t = time_methods(steps, args.iters, args.repeats, args.cuda_graph)
             tensors = 5 + (2 if args.epilogue == "residual" else 0)
             gbs = tensors * x.numel() * x.element_size() / t["imnet"]
             row = (f"| {head} | {n} | {c} | {h}x{w} | {count} | " + " | ".join(f"{t[m] * 1e3:.3f}" if m in t else "-" for m in METHODS)

@@ -29,7 +29,6 @@ the line `<!-- rn50_throughput rows -->` (the section must exist).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks_md import append_rows
+from benchmarks_md import append_rows, gpu_head
 
 MARKER = "<!-- rn50_throughput rows -->"
 VARIANTS = ("bn", "gn_native", "gn_imnet", "gn_imnet_unfused_add")
@@ -135,15 +134,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("rn50_throughput: needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    gpu = torch.cuda.get_device_name()
-    from imnet.kernels.group_norm import tuning
-
-    tune = f", IMNET_GN_TUNE={tuning()}" if str(tuning()) else ""  # the launch plan, if not the defaults
-    head = f"{datetime.date.today()} | {gpu} | torch {torch.__version__}, triton {triton.__version__}{tune}"
+    head = gpu_head()
     if args.cuda_graph and len(args.variants) > 1:
         # One process per variant: with several whole-step graphs captured in one process the first
         # replay failed on an H100 (illegal memory access), while each variant alone ran.

@@ -265,12 +265,24 @@ def test_set_tuning_replans_and_forgets_cached_launches(tuned):
     x = _data(2, 256, 4, 4, torch.float32, 0)[0]
     gnk.group_norm(x, 32)
     default = gnk.plan(2, 256, 56 * 56, 32, 132)
+    before = gnk._kernels()
     tuned("block_c=32,programs_per_sm=8")
+    assert gnk._kernels() is not before
     assert str(gnk.tuning()) == "block_c=32,programs_per_sm=8"
     p = gnk.plan(2, 256, 56 * 56, 32, 132)
     assert (default.block_c, p.block_c) == (128, 32) and p.reduce_programs(2, 256) >= 8 * 132
     assert all(not launcher.cache for launcher in gnk._launchers(False).values())
     _check(2, 256, 4, 4, 32, torch.float32)  # the new plan's kernels, not the old ones' constexprs
+
+
+def test_each_mode_gets_its_own_kernels_whatever_the_environment():
+    """Under TRITON_INTERPRET=1 (this file's fixture), asking for the compiled kernels gives compiled
+    ones, and the environment is left as it was."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert not any(isinstance(f, InterpretedFunction) for f in gnk._jit(False).values())
+    assert all(isinstance(f, InterpretedFunction) for f in gnk._jit(True).values())
+    assert os.environ["TRITON_INTERPRET"] == "1"
 
 
 @pytest.mark.parametrize("text, message", [

@@ -259,9 +259,18 @@ def interpreting() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _jit(interpret: bool) -> dict:
-    del interpret  # the cache key: triton.jit reads TRITON_INTERPRET itself, now
+    """The kernels decorated for the interpreter or the compiler, as asked, whatever TRITON_INTERPRET
+    says now (triton.jit reads it while decorating)."""
     fns = (_fwd_stats, _fwd_combine, _fwd_apply, _bwd_reduce, _bwd_combine, _bwd_apply)
-    return {f.__name__: triton.jit(f) for f in fns}
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        return {f.__name__: triton.jit(f) for f in fns}
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 class _Launcher:
@@ -389,13 +398,10 @@ def tuning() -> Tuning:
 
 
 def set_tuning(t: Tuning) -> None:
-    """Use these knobs from the next call on (forgets the launch plans and launch caches made so far)."""
+    """Use these knobs from the next call on (forgets the launch caches made so far)."""
     global _tuning
     _tuning = t
-    _plan.cache_clear()
-    for interpret in (False, True):
-        for launcher in _launchers(interpret).values():
-            launcher.cache.clear()
+    _launchers.cache_clear()  # their keys do not hold the plan (_plan's do: nothing to forget there)
 
 
 @dataclasses.dataclass(frozen=True)
