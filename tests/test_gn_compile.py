@@ -89,24 +89,34 @@ def test_without_a_gpu_the_target_must_be_named(tmp_path):
 
 
 class _RecordingDriver(precompile.DryRunDriver):
-    """Compiles for sm_90; each launch is recorded as (kernel hash, grid, arguments) and not run."""
+    """Compiles for sm_90; each launch is recorded as (kernel hash, grid, arguments, stream) and not
+    run. The current stream is `stream`."""
 
     def __init__(self):
         super().__init__(90)
         self.launches = []
+        self.stream = 0
         # Triton >= 3.7 unloads a compiled kernel's module when the kernel is freed (CompiledKernel.__del__).
         self.utils.unload_module = lambda module: None
 
     def launcher_cls(self, src, metadata):
         def launch(gx, gy, gz, stream, function, packed, launch_metadata, enter, exit_, *args):
             spec = [(a.dtype, tuple(a.shape), a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args]
-            self.launches.append((metadata.hash, (gx, gy, gz), spec))
+            self.launches.append((metadata.hash, (gx, gy, gz), spec, stream))
+            if enter is not None:  # as Triton's C launcher does
+                enter(launch_metadata)
         return launch
+
+    def get_current_stream(self, device=None):
+        return self.stream
 
 
 class _NoJit:
     def __getitem__(self, grid):
         raise AssertionError("a repeated launch went through Triton's JIT")
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a repeated launch asked Triton's JIT for {name}")
 
 
 @pytest.mark.parametrize("n, c, h, w, dtype, act, residual, unaligned_weight", [
@@ -116,9 +126,9 @@ class _NoJit:
 ])
 def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dtype, act, residual,
                                           unaligned_weight):
-    """The launch cache (group_norm._Launcher) starts the same compiled kernels with the same grid and
-    arguments as Triton's JIT, without asking the JIT again; also for a weight that is not 16-byte
-    aligned (another specialization for the JIT)."""
+    """The launch cache (group_norm._Replay) starts the same compiled kernels with the same grid,
+    stream and arguments as Triton's JIT, without asking the JIT again; also for a weight that is not
+    16-byte aligned (another specialization for the JIT)."""
     from triton.runtime import driver
 
     from imnet.kernels import group_norm as gnk
@@ -128,7 +138,7 @@ def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dty
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     rec = _RecordingDriver()
     monkeypatch.setattr(driver, "_active", rec)
-    gnk._launchers.cache_clear()
+    gnk._calls.clear()
     try:
         x, weight, bias, dy, r = reference.random_inputs(n, c, h, w, dtype, torch.Generator().manual_seed(0),
                                                          residual)
@@ -145,13 +155,29 @@ def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dty
         layer()
         first = list(rec.launches)
         assert len(first) == 6  # 3 forward, 3 backward
-        for launcher in gnk._launchers(False).values():
-            monkeypatch.setattr(launcher, "fn", _NoJit())
+        monkeypatch.setattr(gnk, "_jit", lambda interpret: {name: _NoJit() for name in precompile.KERNELS})
         rec.launches.clear()
         layer()
         assert rec.launches == first
+        rec.stream = 7  # the replay launches on the stream current at the call
+        rec.launches.clear()
+        layer()
+        assert [launch[:3] for launch in rec.launches] == [launch[:3] for launch in first]
+        assert {launch[3] for launch in rec.launches} == {7} and {launch[3] for launch in first} == {0}
+        # A profiler's launch hook (Triton's proton adds one like this) still sees every launch.
+        from triton import knobs
+        seen = []
+        hook = seen.append
+        knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            rec.launches.clear()
+            layer()
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+        assert [launch[:3] for launch in rec.launches] == [launch[:3] for launch in first]
+        assert [m.get()["name"] for m in seen] == list(precompile.KERNELS)
     finally:
-        gnk._launchers.cache_clear()
+        gnk._calls.clear()
 
 
 
@@ -187,7 +213,7 @@ def test_a_real_launch_loads_what_precompile_compiled(monkeypatch, tmp_path):
     def forget_kernels():
         """The JIT's and the launch caches' kernels, as in a new process; freed while `rec` is the driver
         (Triton 3.8 has the driver unload a kernel that is freed)."""
-        gnk._launchers.cache_clear()
+        gnk._calls.clear()
         for fn in gnk._jit(False).values():
             fn.device_caches.clear()
         gc.collect()

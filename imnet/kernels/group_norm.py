@@ -21,14 +21,19 @@ Backward (mean_g is over the group's CPG channels x HW positions):
   1. _bwd_reduce  same grid as _fwd_stats: per-channel, per-chunk sum(dy) and sum(dy*xhat), xhat
                   recomputed from x and the saved mean/rstd (xhat is never stored). With a fused ReLU
                   dy is masked first (see the epilogues below).
-  2. _bwd_combine grid (N*G): c1 = rstd*mean_g(gamma*dy), c2 = rstd^2*mean_g(gamma*dy*xhat).
-     dgamma, dbeta: a torch sum of the same partials over (n, chunk) (deterministic, no atomics).
+  2. _bwd_combine grid (N*G + C/32): the first N*G programs c1 = rstd*mean_g(gamma*dy) and
+                  c2 = rstd^2*mean_g(gamma*dy*xhat); the others dgamma, dbeta of 32 channels each,
+                  sums of the same partials over (n, chunk), in a fixed order (deterministic, no
+                  atomics), stored in the parameters' dtype.
   3. _bwd_apply   same grid as _fwd_apply: dx = rstd*gamma*dy - c1 - c2*(x - mean).
 
 Epilogues (ACT): 0 none; 1 ReLU: y = relu(v), and backward recomputes v from x (already read) for
 the mask v > 0, so fusing costs no extra bytes; 2 residual + ReLU: y = relu(v + r), backward masks by
 the saved output y > 0 (y is the block output the next layer keeps anyway) and writes the masked
 gradient once, which is the residual's gradient and what _bwd_apply reads instead of dy.
+
+Scratch: the partials and the per-group values share one float32 (2, PLANE) buffer per direction
+(see _forward): the forward's holds (mean, rstd), saved for backward; the backward's (c1, c2).
 
 Memory traffic: forward reads x twice and writes y; backward reads x and dy twice and writes dx
 (3 and 5 tensor passes; the least possible is 2 and 3). The apply kernels walk their tiles in the reverse order of the
@@ -48,7 +53,7 @@ H100, 4 programs per SM beat 2 and 8, see BENCHMARKS.md).
 
 Interpreter: `triton.jit` picks the CPU interpreter or the compiler when it decorates a function,
 from TRITON_INTERPRET at that moment. The kernels below are plain functions decorated on first use,
-once per mode (`_kernels()`), so what TRITON_INTERPRET says when the kernel runs decides, whatever
+once per mode (`_jit()`), so what TRITON_INTERPRET says when the kernel runs decides, whatever
 was imported before.
 """
 
@@ -59,10 +64,13 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
 
 from imnet.kernels.reference import check_act
 
 COMBINE_BLOCK = 1024
+PARAM_BLOCK_R, PARAM_BLOCK_C = 32, 32   # tile of _bwd_combine's parameter-gradient programs
 
 ACT_CODES = {None: 0, "relu": 1, "residual_relu": 2}
 
@@ -104,12 +112,12 @@ def _fwd_stats(X, PART, HW, C, S, R, PLANE,
         w = nb / (na + nb)
         mean += delta * w
         m2 += m2b + delta * delta * (na * w)
-    out = PART + pid.to(tl.int64) * C + cols    # PART: (2, N*S, C), plane 0 mean, plane 1 M2
+    out = PART + pid.to(tl.int64) * C + cols    # partial (n*S + s, c): plane 0 mean, plane 1 M2
     tl.store(out, mean, mask=cmask)
     tl.store(out + PLANE, m2, mask=cmask)
 
 
-def _fwd_combine(PART, MEAN, RSTD, G, HW, C, S, R, CPG, PLANE, eps,
+def _fwd_combine(PART, G, HW, C, S, R, CPG, PLANE, MOFF, eps,
                  BLOCK: tl.constexpr):
     pid = tl.program_id(0)                      # n * G + g
     n = pid // G
@@ -138,11 +146,11 @@ def _fwd_combine(PART, MEAN, RSTD, G, HW, C, S, R, CPG, PLANE, eps,
         d = mu - mean
         acc += tl.where(m, m2 + cnt * d * d, 0.0)
     var = tl.reduce(acc, 0, _sum_combine) / total
-    tl.store(MEAN + pid, mean)
-    tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
+    tl.store(PART + MOFF + pid, mean)
+    tl.store(PART + PLANE + MOFF + pid, 1.0 / tl.sqrt(var + eps))
 
 
-def _fwd_apply(X, Y, RES, MEAN, RSTD, W, B, HW, C, G, CPG, HWB,
+def _fwd_apply(X, Y, RES, STATS, W, B, HW, C, G, CPG, HWB, PLANE, MOFF,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
     # Programs run in reverse order of _fwd_stats's: the data it read last, likeliest still in L2,
     # is read first.
@@ -152,9 +160,9 @@ def _fwd_apply(X, Y, RES, MEAN, RSTD, W, B, HW, C, G, CPG, HWB,
     cols = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mask = (rows < HW)[:, None] & cmask[None, :]
-    grp = n * G + cols // CPG
-    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
-    a = tl.load(RSTD + grp, mask=cmask, other=0.0) * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    grp = STATS + MOFF + n * G + cols // CPG
+    mean = tl.load(grp, mask=cmask, other=0.0)
+    a = tl.load(grp + PLANE, mask=cmask, other=0.0) * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
     off = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
     x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
@@ -166,7 +174,7 @@ def _fwd_apply(X, Y, RES, MEAN, RSTD, W, B, HW, C, G, CPG, HWB,
     tl.store(Y + off, v.to(Y.dtype.element_ty), mask=mask)
 
 
-def _bwd_reduce(X, DY, Y, DR, MEAN, RSTD, W, B, PART, HW, C, G, CPG, S, R, PLANE,
+def _bwd_reduce(X, DY, Y, DR, STATS, W, B, PART, HW, C, G, CPG, S, R, PLANE, MOFF,
                 BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
     pid = tl.program_id(0)                      # n * S + s
     n = pid // S
@@ -175,9 +183,9 @@ def _bwd_reduce(X, DY, Y, DR, MEAN, RSTD, W, B, PART, HW, C, G, CPG, S, R, PLANE
     cmask = cols < C
     r0 = s * R
     r1 = tl.minimum(r0 + R, HW)
-    grp = n * G + cols // CPG
-    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
+    grp = STATS + MOFF + n * G + cols // CPG
+    mean = tl.load(grp, mask=cmask, other=0.0)
+    rstd = tl.load(grp + PLANE, mask=cmask, other=0.0)
     if ACT == 1:
         a = rstd * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
         beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -205,30 +213,44 @@ def _bwd_reduce(X, DY, Y, DR, MEAN, RSTD, W, B, PART, HW, C, G, CPG, S, R, PLANE
     tl.store(out + PLANE, sdyx, mask=cmask)
 
 
-def _bwd_combine(PART, RSTD, W, C1, C2, G, HW, C, S, CPG, PLANE,
-                 BLOCK: tl.constexpr):
-    pid = tl.program_id(0)                      # n * G + g
-    n = pid // G
-    g = pid % G
-    K = S * CPG
-    base = PART + n.to(tl.int64) * S * C + g * CPG
-    a1 = tl.full([BLOCK], 0.0, tl.float32)
-    a2 = tl.full([BLOCK], 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        m = k < K
-        j = k % CPG
-        off = (k // CPG) * C + j
-        gamma = tl.load(W + g * CPG + j, mask=m, other=0.0).to(tl.float32)
-        a1 += gamma * tl.load(base + off, mask=m, other=0.0)
-        a2 += gamma * tl.load(base + PLANE + off, mask=m, other=0.0)
-    total = (HW * 1.0) * CPG   # float32 (HW, CPG may be the constant 1)
-    rstd = tl.load(RSTD + pid)
-    tl.store(C1 + pid, rstd * (tl.reduce(a1, 0, _sum_combine) / total))
-    tl.store(C2 + pid, rstd * rstd * (tl.reduce(a2, 0, _sum_combine) / total))
+def _bwd_combine(PART, STATS, W, DW, DB, G, HW, C, S, CPG, PLANE, MOFF, NG, ROWS,
+                 BLOCK: tl.constexpr, PBLOCK_R: tl.constexpr, PBLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid < NG:                                # n * G + g: c1, c2 of the group (NG = 0: dx not needed)
+        n = pid // G
+        g = pid % G
+        K = S * CPG
+        base = PART + n.to(tl.int64) * S * C + g * CPG
+        a1 = tl.full([BLOCK], 0.0, tl.float32)
+        a2 = tl.full([BLOCK], 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            m = k < K
+            j = k % CPG
+            off = (k // CPG) * C + j
+            gamma = tl.load(W + g * CPG + j, mask=m, other=0.0).to(tl.float32)
+            a1 += gamma * tl.load(base + off, mask=m, other=0.0)
+            a2 += gamma * tl.load(base + PLANE + off, mask=m, other=0.0)
+        total = (HW * 1.0) * CPG   # float32 (HW, CPG may be the constant 1)
+        rstd = tl.load(STATS + PLANE + MOFF + pid)
+        tl.store(PART + MOFF + pid, rstd * (tl.reduce(a1, 0, _sum_combine) / total))          # c1
+        tl.store(PART + PLANE + MOFF + pid, rstd * rstd * (tl.reduce(a2, 0, _sum_combine) / total))  # c2
+    else:                                       # dbeta, dgamma of PBLOCK_C channels: sums over ROWS = N*S
+        cols = (pid - NG) * PBLOCK_C + tl.arange(0, PBLOCK_C)
+        cmask = cols < C
+        s1 = tl.full([PBLOCK_R, PBLOCK_C], 0.0, tl.float32)
+        s2 = tl.full([PBLOCK_R, PBLOCK_C], 0.0, tl.float32)
+        for r0 in range(0, ROWS, PBLOCK_R):
+            rows = r0 + tl.arange(0, PBLOCK_R)
+            m = (rows < ROWS)[:, None] & cmask[None, :]
+            off = rows[:, None].to(tl.int64) * C + cols[None, :]
+            s1 += tl.load(PART + off, mask=m, other=0.0)
+            s2 += tl.load(PART + PLANE + off, mask=m, other=0.0)
+        tl.store(DB + cols, tl.reduce(s1, 0, _sum_combine).to(DB.dtype.element_ty), mask=cmask)
+        tl.store(DW + cols, tl.reduce(s2, 0, _sum_combine).to(DW.dtype.element_ty), mask=cmask)
 
 
-def _bwd_apply(X, DY, DX, MEAN, RSTD, C1, C2, W, B, HW, C, G, CPG, HWB,
+def _bwd_apply(X, DY, DX, STATS, PART, W, B, HW, C, G, CPG, HWB, PLANE, MOFF,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
     pid = tl.num_programs(0) - 1 - tl.program_id(0)   # reverse order, see _fwd_apply
     n = pid // HWB
@@ -236,11 +258,12 @@ def _bwd_apply(X, DY, DX, MEAN, RSTD, C1, C2, W, B, HW, C, G, CPG, HWB,
     cols = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mask = (rows < HW)[:, None] & cmask[None, :]
-    grp = n * G + cols // CPG
-    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
-    a = tl.load(RSTD + grp, mask=cmask, other=0.0) * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    c1 = tl.load(C1 + grp, mask=cmask, other=0.0)
-    c2 = tl.load(C2 + grp, mask=cmask, other=0.0)
+    grp = STATS + MOFF + n * G + cols // CPG
+    mean = tl.load(grp, mask=cmask, other=0.0)
+    a = tl.load(grp + PLANE, mask=cmask, other=0.0) * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    cgrp = PART + MOFF + n * G + cols // CPG
+    c1 = tl.load(cgrp, mask=cmask, other=0.0)
+    c2 = tl.load(cgrp + PLANE, mask=cmask, other=0.0)
     off = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
     x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
@@ -273,49 +296,6 @@ def _jit(interpret: bool) -> dict:
             os.environ["TRITON_INTERPRET"] = saved
 
 
-class _Launcher:
-    """`kernel[grid](*args, key=.., num_warps=.., **constexprs)`: a Triton launch whose host cost
-    is paid once per `key`.
-
-    Triton's JIT binds and specializes every argument and looks the kernel up on every launch
-    (about 25 us on this project's CPU machine, 6 launches per layer and step, 53 layers in a
-    ResNet-50). Here the first launch with a given key goes through the JIT, which compiles or
-    loads the kernel and returns it; later launches with that key start the compiled kernel
-    directly with the arguments in the order the JIT passes them (every parameter, constexprs
-    included): about 6 us. The caller's key must determine everything the JIT specializes on: the
-    dtype and 16-byte alignment of each tensor it passes in, the device, and every integer and
-    float argument (they all follow from the input's shape and the call's options). Freshly
-    allocated tensors are always float32 and aligned. tests/test_gn_compile.py checks that the
-    launches are identical to the JIT's. Under the interpreter every launch goes to the JIT."""
-
-    def __init__(self, fn, cached: bool):
-        self.fn, self.cached = fn, cached
-        self.cache: dict = {}
-
-    def __getitem__(self, grid):
-        return functools.partial(self._launch, grid)
-
-    def _launch(self, grid, *args, key, num_warps: int, **constexprs):
-        entry = self.cache.get(key) if self.cached else None
-        if entry is None:
-            kernel = self.fn[grid](*args, num_warps=num_warps, **constexprs)
-            if self.cached:
-                self.cache[key] = (kernel, [constexprs[name] for name in self.fn.arg_names[len(args):]])
-            return
-        kernel, rest = entry
-        kernel[grid + (1,) * (3 - len(grid))](*args, *rest)
-
-
-@functools.lru_cache(maxsize=None)
-def _launchers(interpret: bool) -> dict:
-    return {name: _Launcher(fn, cached=not interpret) for name, fn in _jit(interpret).items()}
-
-
-def _kernels() -> dict:
-    """The kernels to launch now: the interpreter's when TRITON_INTERPRET is set, else compiled ones."""
-    return _launchers(interpreting())
-
-
 def _spec(t) -> tuple | None:
     """What Triton's JIT specializes a tensor argument on."""
     return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
@@ -324,7 +304,7 @@ def _spec(t) -> tuple | None:
 def kernels_interpreted() -> bool:
     """True when the kernels that would run now are the CPU interpreter's (for the tests)."""
     from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_kernels()["_fwd_apply"].fn, InterpretedFunction)
+    return isinstance(_jit(interpreting())["_fwd_apply"], InterpretedFunction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +381,7 @@ def set_tuning(t: Tuning) -> None:
     """Use these knobs from the next call on (forgets the launch caches made so far)."""
     global _tuning
     _tuning = t
-    _launchers.cache_clear()  # their keys do not hold the plan (_plan's do: nothing to forget there)
+    _calls.clear()  # their keys do not hold the plan (_plan's do)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,64 +443,184 @@ def _sm_count(device: torch.device) -> int:
 # Launchers.
 # ---------------------------------------------------------------------------------------------
 
+# One norm call (a forward, or a backward) is a few launches whose grids, integer arguments and
+# constexprs follow from the call's key (shapes, dtypes, options); only the tensors change from step
+# to step. _Call holds them, computed once per key, and, once the call has run through Triton's JIT,
+# the compiled kernels to start directly next time.
+
+@dataclasses.dataclass
+class _Step:
+    """One launch: kernel name, grid, the arguments after the tensors, constexprs, warps."""
+    name: str
+    grid: tuple
+    scalars: tuple
+    constexprs: dict
+    num_warps: int
+
+
+@dataclasses.dataclass
+class _Call:
+    plan: Plan
+    plane: int           # PLANE: length of each of the 2 rows of the float32 scratch buffer
+    steps: tuple         # _Step, in launch order
+    compiled: tuple | None = None   # per step: (name, kernel, run, function, packed metadata, grid, rest)
+
+
+_calls: dict = {}        # key -> _Call (set_tuning empties it)
+
+
+def _launcher(call: _Call):
+    """The function that issues a call's launches in order, `launch(step, *tensors)`; `launch.done()`
+    after the last one. precompile.record replaces this function to record launches instead."""
+    interpret = interpreting()
+    if call.compiled is not None and not interpret:
+        return _Replay(call.compiled, hooked=_launch_hooked())
+    return _JitLaunch(call, _jit(interpret), record=not interpret)
+
+
+class _JitLaunch:
+    """Launches through Triton's JIT (it binds and specializes every argument and looks the kernel up,
+    about 25 us a launch on this project's CPU machine); with `record`, keeps the compiled kernels."""
+
+    def __init__(self, call: _Call, fns: dict, record: bool):
+        self.call, self.fns = call, fns
+        self.compiled = [] if record else None
+
+    def __call__(self, step: _Step, *tensors):
+        fn = self.fns[step.name]
+        args = tensors + step.scalars
+        kernel = fn[step.grid](*args, num_warps=step.num_warps, **step.constexprs)
+        if self.compiled is not None:
+            # What the JIT passes on: every parameter, constexprs included, in the signature's order.
+            rest = step.scalars + tuple(step.constexprs[a] for a in fn.arg_names[len(args):])
+            self.compiled.append((step.name, kernel, kernel.run, kernel.function, kernel.packed_metadata,
+                                  step.grid + (1,) * (3 - len(step.grid)), rest))
+
+    def done(self):
+        if self.compiled is not None:   # only a call that ran to its end is replayed
+            self.call.compiled = tuple(self.compiled)
+
+
+def _launch_hooked() -> bool:
+    """Whether a profiler (e.g. Triton's proton) has hooked Triton's launches. Triton >= 3.4 keeps
+    the hooks in HookChain objects that are there even when empty."""
+    return any(h is not None and getattr(h, "calls", True)
+               for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+
+
+class _Replay:
+    """Starts the compiled kernels directly (CompiledKernel.run, what the JIT itself ends with) on the
+    current CUDA stream, with the arguments in the JIT's order. With launch hooks set, through the
+    compiled kernel's own runner, which calls them. tests/test_gn_compile.py checks that these
+    launches are identical to the JIT's."""
+
+    def __init__(self, compiled: tuple, hooked: bool):
+        self.compiled, self.hooked = iter(compiled), hooked
+        self.stream = driver.active.get_current_stream(driver.active.get_current_device())
+
+    def __call__(self, step: _Step, *tensors):
+        name, kernel, run, function, packed, grid, rest = next(self.compiled)
+        if name != step.name:
+            raise RuntimeError(f"group_norm: launch {step.name} where {name} was compiled for this call")
+        if self.hooked:
+            kernel[grid](*tensors, *rest, stream=self.stream)
+        else:
+            run(grid[0], grid[1], grid[2], self.stream, function, packed, None, None, None, *tensors, *rest)
+
+    def done(self):
+        pass
+
+
+def _fwd_call(n, c, hw, groups, eps, act, sms, rows_per_chunk) -> _Call:
+    p = plan(n, c, hw, groups, sms, rows_per_chunk)
+    cpg, cblocks = c // groups, _cdiv(c, p.block_c)
+    moff = n * p.chunks * c
+    plane = -(-(moff + n * groups) // 16) * 16   # 64-byte aligned planes
+    hwb = _cdiv(hw, p.apply_block_hw)
+    return _Call(p, plane, (
+        _Step("_fwd_stats", (n * p.chunks, cblocks), (hw, c, p.chunks, p.rows, plane),
+              dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c), p.num_warps),
+        _Step("_fwd_combine", (n * groups,), (groups, hw, c, p.chunks, p.rows, cpg, plane, moff, eps),
+              dict(BLOCK=p.combine_block), 4),
+        _Step("_fwd_apply", (n * hwb, cblocks), (hw, c, groups, cpg, hwb, plane, moff),
+              dict(BLOCK_HW=p.apply_block_hw, BLOCK_C=p.block_c, ACT=ACT_CODES[act]), p.num_warps)))
+
+
+def _bwd_call(n, c, hw, groups, act, fwd: _Call, need_dx, need_dparams) -> _Call:
+    p, plane = fwd.plan, fwd.plane
+    cpg, cblocks = c // groups, _cdiv(c, p.block_c)
+    moff = n * p.chunks * c
+    code = ACT_CODES[act]
+    steps = [_Step("_bwd_reduce", (n * p.chunks, cblocks), (hw, c, groups, cpg, p.chunks, p.rows, plane, moff),
+                   dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code), p.num_warps)]
+    # One launch for the groups' c1, c2 (if dx is needed) and the parameter gradients (if needed).
+    ng = n * groups if need_dx else 0
+    pblocks = _cdiv(c, PARAM_BLOCK_C) if need_dparams else 0
+    if ng + pblocks:
+        steps.append(_Step("_bwd_combine", (ng + pblocks,),
+                           (groups, hw, c, p.chunks, cpg, plane, moff, ng, n * p.chunks),
+                           dict(BLOCK=p.combine_block, PBLOCK_R=PARAM_BLOCK_R, PBLOCK_C=PARAM_BLOCK_C), 4))
+    if need_dx:
+        hwb = _cdiv(hw, p.apply_block_hw)
+        steps.append(_Step("_bwd_apply", (n * hwb, cblocks), (hw, c, groups, cpg, hwb, plane, moff),
+                           dict(BLOCK_HW=p.apply_block_hw, BLOCK_C=p.block_c, ACT=1 if code == 1 else 0),
+                           p.num_warps))
+    return _Call(p, plane, tuple(steps))
+
+
 def _forward(x, weight, bias, groups, eps, act, residual, rows_per_chunk):
+    """y, the float32 statistics buffer (2, PLANE) (mean_rstd() reads it) and the call, for backward.
+
+    The buffer holds in each row the N*S*C per-(chunk, channel) partials, then at offset N*S*C the
+    N*G per-group values: mean in row 0, rstd in row 1; the backward's buffer has the same layout
+    with c1, c2. One allocation instead of three (each about 5 us of host time)."""
     N, C, H, W = x.shape
-    HW, CPG = H * W, C // groups
-    p = plan(N, C, HW, groups, _sm_count(x.device), rows_per_chunk)
-    k = _kernels()
     key = (x.shape, x.device, _spec(x), _spec(weight), _spec(bias), _spec(residual), groups, eps, act,
            rows_per_chunk)
-    cblocks = _cdiv(C, p.block_c)
-    plane = N * p.chunks * C
-    part = torch.empty((2, N * p.chunks, C), device=x.device, dtype=torch.float32)
-    mean = torch.empty((N, groups), device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    k["_fwd_stats"][(N * p.chunks, cblocks)](
-        x, part, HW, C, p.chunks, p.rows, plane,
-        key=key, BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, num_warps=p.num_warps)
-    k["_fwd_combine"][(N * groups,)](
-        part, mean, rstd, groups, HW, C, p.chunks, p.rows, CPG, plane, eps,
-        key=key, BLOCK=p.combine_block, num_warps=4)
+    call = _calls.get(key)
+    if call is None:
+        call = _calls[key] = _fwd_call(N, C, H * W, groups, eps, act, _sm_count(x.device), rows_per_chunk)
+    stats = torch.empty((2, call.plane), device=x.device, dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    hwb = _cdiv(HW, p.apply_block_hw)
-    k["_fwd_apply"][(N * hwb, cblocks)](
-        x, y, x if residual is None else residual, mean, rstd, weight, bias, HW, C, groups, CPG, hwb,
-        key=key, BLOCK_HW=p.apply_block_hw, BLOCK_C=p.block_c, ACT=ACT_CODES[act], num_warps=p.num_warps)
-    return y, mean, rstd, p, key
+    stats_step, combine_step, apply_step = call.steps
+    launch = _launcher(call)
+    launch(stats_step, x, stats)
+    launch(combine_step, stats)
+    launch(apply_step, x, y, x if residual is None else residual, stats, weight, bias)
+    launch.done()
+    return y, stats, call, key
 
 
-def _backward(dy, x, y, weight, bias, mean, rstd, groups, act, p, fwd_key, need_dx, need_dparams, need_dr):
-    """fwd_key: the key _forward returned for this call (x, weight, bias, shape and options)."""
-    N, C, H, W = x.shape
-    HW, CPG = H * W, C // groups
-    k = _kernels()
-    key = (fwd_key, _spec(dy))
-    cblocks = _cdiv(C, p.block_c)
-    plane = N * p.chunks * C
-    part = torch.empty((2, N * p.chunks, C), device=x.device, dtype=torch.float32)
-    code = ACT_CODES[act]
-    dr = torch.empty_like(x, memory_format=torch.channels_last) if code == 2 else None
-    k["_bwd_reduce"][(N * p.chunks, cblocks)](
-        x, dy, y if code == 2 else x, dr if code == 2 else x, mean, rstd, weight, bias, part,
-        HW, C, groups, CPG, p.chunks, p.rows, plane,
-        key=key, BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code, num_warps=p.num_warps)
+def mean_rstd(stats: torch.Tensor, n: int, c: int, groups: int, p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N, G) float32 mean and rstd in the statistics buffer of a forward with plan p."""
+    moff = n * p.chunks * c
+    return stats[0, moff:moff + n * groups].view(n, groups), stats[1, moff:moff + n * groups].view(n, groups)
+
+
+def _backward(dy, x, y, weight, bias, stats, groups, act, fwd: _Call, fwd_key, need_dx, need_dparams, need_dr):
+    """fwd, fwd_key: what _forward returned for this call (x, weight, bias, shape and options)."""
+    key = (fwd_key, _spec(dy), need_dx, need_dparams)
+    call = _calls.get(key)
+    if call is None:
+        N, C, H, W = x.shape
+        call = _calls[key] = _bwd_call(N, C, H * W, groups, act, fwd, need_dx, need_dparams)
+    part = torch.empty_like(stats)   # row 0 sum(dy) partials then c1, row 1 sum(dy*xhat) then c2
+    residual = act == "residual_relu"
+    dr = torch.empty_like(x, memory_format=torch.channels_last) if residual else None
+    dgamma = torch.empty_like(weight) if need_dparams else None
+    dbeta = torch.empty_like(bias) if need_dparams else None
+    steps = iter(call.steps)
+    launch = _launcher(call)
+    launch(next(steps), x, dy, y if residual else x, dr if residual else x, stats, weight, bias, part)
+    if need_dx or need_dparams:   # (weight, bias: placeholders for the gradients not asked for)
+        launch(next(steps), part, stats, weight, dgamma if need_dparams else weight,
+               dbeta if need_dparams else bias)
     dx = None
     if need_dx:
-        c1 = torch.empty((N, groups), device=x.device, dtype=torch.float32)
-        c2 = torch.empty_like(c1)
-        k["_bwd_combine"][(N * groups,)](
-            part, rstd, weight, c1, c2, groups, HW, C, p.chunks, CPG, plane,
-            key=key, BLOCK=p.combine_block, num_warps=4)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
-        hwb = _cdiv(HW, p.apply_block_hw)
         # With the residual epilogue, dr is the masked dy: read it instead of dy and y.
-        k["_bwd_apply"][(N * hwb, cblocks)](
-            x, dr if code == 2 else dy, dx, mean, rstd, c1, c2, weight, bias, HW, C, groups, CPG, hwb,
-            key=key, BLOCK_HW=p.apply_block_hw, BLOCK_C=p.block_c, ACT=1 if code == 1 else 0,
-            num_warps=p.num_warps)
-    dbeta = dgamma = None
-    if need_dparams:
-        dbeta, dgamma = part.sum(dim=1)  # sum over (n, chunk) of the partial sum(dy), sum(dy*xhat)
+        launch(next(steps), x, dr if residual else dy, dx, stats, part, weight, bias)
+    launch.done()
     return dx, dgamma, dbeta, (dr if need_dr else None)
 
 
@@ -531,32 +631,34 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 class GroupNormNHWC(torch.autograd.Function):
     """relu?(group_norm(x) (+ residual)) on channels-last x with the Triton kernels above.
 
-    Saves x, the (N, G) float32 mean and rstd, and (residual epilogue only) the output y.
+    Saves x, the float32 statistics buffer (mean and rstd per (sample, group), see _forward), and
+    (residual epilogue only) the output y.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, groups, eps, act, rows_per_chunk):
         C = x.shape[1]
+        # (Inside forward autograd records nothing: the parameters go to the kernels as they are.)
         w = weight if weight is not None else torch.ones(C, device=x.device, dtype=torch.float32)
         b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=torch.float32)
         code = "residual_relu" if residual is not None else act
-        y, mean, rstd, p, key = _forward(x, w.detach(), b.detach(), groups, eps, code, residual, rows_per_chunk)
-        ctx.save_for_backward(x, w, b, mean, rstd, y if residual is not None else None)
-        ctx.groups, ctx.act, ctx.plan, ctx.key = groups, code, p, key
+        y, stats, call, key = _forward(x, w, b, groups, eps, code, residual, rows_per_chunk)
+        ctx.save_for_backward(x, w, b, stats, y if residual is not None else None)
+        ctx.groups, ctx.act, ctx.call, ctx.key = groups, code, call, key
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, b, mean, rstd, y = ctx.saved_tensors
+        x, w, b, stats, y = ctx.saved_tensors
         need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
         if not (need_dx or need_dw or need_db or need_dr):
             return (None,) * 8
         need_dparams = (need_dw and ctx.has_weight) or (need_db and ctx.has_bias)
-        dx, dw, db, dr = _backward(_channels_last(dy), x, y, w.detach(), b.detach(), mean, rstd,
-                                   ctx.groups, ctx.act, ctx.plan, ctx.key, need_dx, need_dparams, need_dr)
-        dw = dw.to(w.dtype) if need_dw and ctx.has_weight else None
-        db = db.to(b.dtype) if need_db and ctx.has_bias else None
+        dx, dw, db, dr = _backward(_channels_last(dy), x, y, w, b, stats,
+                                   ctx.groups, ctx.act, ctx.call, ctx.key, need_dx, need_dparams, need_dr)
+        dw = dw if need_dw and ctx.has_weight else None   # in the parameters' dtypes already
+        db = db if need_db and ctx.has_bias else None
         return dx, dw, db, dr, None, None, None, None
 
 

@@ -57,16 +57,18 @@ class Launch:
 
 
 class _Recorder:
-    def __init__(self, name: str, launches: dict):
-        self.name, self.launches = name, launches
+    """Stands in for group_norm's launcher: keeps each distinct launch, starts nothing."""
 
-    def __getitem__(self, grid):
-        return self._record
+    def __init__(self, launches: dict):
+        self.launches = launches
 
-    def _record(self, *args, key=None, num_warps=4, **meta):
-        args = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
-        launch = Launch(self.name, args, tuple(sorted(meta.items())), num_warps)
+    def __call__(self, step, *tensors):
+        args = tuple(t.dtype for t in tensors) + step.scalars
+        launch = Launch(step.name, args, tuple(sorted(step.constexprs.items())), step.num_warps)
         self.launches.setdefault(launch.key(), launch)
+
+    def done(self):
+        pass
 
 
 def record(shapes, batches, dtypes, sms: int, groups: int = 32, acts=tuple(ACTS.values())) -> list[Launch]:
@@ -76,9 +78,10 @@ def record(shapes, batches, dtypes, sms: int, groups: int = 32, acts=tuple(ACTS.
     from imnet.kernels import group_norm as gnk
 
     launches: dict = {}
-    recorders = {name: _Recorder(name, launches) for name in KERNELS}
-    saved = gnk._kernels, gnk._sm_count
-    gnk._kernels, gnk._sm_count = (lambda: recorders), (lambda device: sms)
+    recorder = _Recorder(launches)
+    saved = gnk._launcher, gnk._sm_count
+    gnk._launcher, gnk._sm_count = (lambda call: recorder), (lambda device: sms)
+    gnk._calls.clear()  # calls planned for another SM count
     try:
         meta = torch.device("meta")
         for n in batches:
@@ -88,11 +91,12 @@ def record(shapes, batches, dtypes, sms: int, groups: int = 32, acts=tuple(ACTS.
                     x = torch.empty(n, c, h, w, dtype=dtype, device=meta).contiguous(memory_format=torch.channels_last)
                     for act in acts:
                         res = x if act == "residual_relu" else None
-                        y, mean, rstd, plan, key = gnk._forward(x, wb, wb, groups, 1e-5, act, res, None)
-                        gnk._backward(x, x, y, wb, wb, mean, rstd, groups, act, plan, key, True, True,
+                        y, stats, call, key = gnk._forward(x, wb, wb, groups, 1e-5, act, res, None)
+                        gnk._backward(x, x, y, wb, wb, stats, groups, act, call, key, True, True,
                                       res is not None)
     finally:
-        gnk._kernels, gnk._sm_count = saved
+        gnk._launcher, gnk._sm_count = saved
+        gnk._calls.clear()
     return list(launches.values())
 
 
