@@ -1,4 +1,5 @@
-"""Host (CPU) time to issue one GroupNorm layer's forward + backward: imnet's Triton path vs native.
+"""Host (CPU) time to issue one norm + ReLU layer's forward + backward as ResNet-50 runs it: BN,
+native GN and imnet's Triton GN.
 
     python bench/gn_host_overhead.py [--iters 2000] [--repeats 5] [--write]
 
@@ -10,12 +11,14 @@ DryRunDriver, so the kernels really compile (for sm_90) and every Python step of
 tensors are tiny CPU tensors (1 x 64 x 2 x 2), so allocation and arithmetic stay negligible against
 the dispatch; the launch count per layer does not depend on the shape.
 
-  bn      relu(F.batch_norm(x)) in training mode, then torch.autograd.grad for x, gamma, beta: the
-          layer GN has to match. Here it runs torch's CPU kernels on the tiny tensors, so its time
-          is dispatch plus a little arithmetic, not cuDNN's host path (not measured here).
-  native  relu(F.group_norm(x)), the same gradients (2 kernels + 2 for backward on a GPU)
-  imnet   the same through imnet.kernels.group_norm(act="relu"): its autograd Function, the launch
-          plan, 3 Triton launches forward, 3 backward and the parameter-gradient sum
+Each layer is the modules the model calls (forward, then torch.autograd.grad for x, gamma, beta):
+  bn      nn.BatchNorm2d (training mode) then nn.ReLU(inplace=True): the layer GN has to match.
+          Here it runs torch's CPU kernels on the tiny tensors, so its time is dispatch plus a little
+          arithmetic, not cuDNN's host path (not measured here).
+  native  nn.GroupNorm(32) then nn.ReLU(inplace=True) (2 kernels + 2 for backward on a GPU)
+  imnet   ChannelsLastGroupNorm(32, act="relu"): the module's dispatch (kernel_applies takes its CPU
+          branch here, the environment read replaced by True), the autograd Function, 3 Triton
+          launches forward, 2 or 3 backward (the combine launch also sums dgamma, dbeta)
 
 Median over `--repeats` alternating runs of `--iters` layers each, one thread. --write appends the
 row to BENCHMARKS.md below `<!-- gn_host_overhead rows -->`.
@@ -32,7 +35,7 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from benchmarks_md import append_rows
 
@@ -49,27 +52,26 @@ def main() -> int:
     import triton
     from triton.runtime import driver
 
-    from imnet.kernels import group_norm as gnk
+    import imnet.kernels
+    from imnet.kernels import ChannelsLastGroupNorm
     from imnet.kernels.precompile import DryRunDriver
 
     driver.set_active(DryRunDriver(90))
+    imnet.kernels._interpret = lambda: True  # kernel_applies: CPU tensors go to the (dry-run) kernels
     torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 64, 2, 2, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
-    w = torch.randn(64, generator=gen).requires_grad_()
-    b = torch.randn(64, generator=gen).requires_grad_()
-    dy = torch.randn(1, 64, 2, 2, generator=gen).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 2, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn(1, 64, 2, 2).contiguous(memory_format=torch.channels_last)
+    layers = {"bn": nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(inplace=True)),
+              "native": nn.Sequential(nn.GroupNorm(32, 64), nn.ReLU(inplace=True)),
+              "imnet": ChannelsLastGroupNorm(32, 64, act="relu")}
 
-    def bn():
-        torch.autograd.grad(torch.relu(F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)), (x, w, b), dy)
+    def method(layer):
+        inputs = (x, layer.weight if hasattr(layer, "weight") else layer[0].weight,
+                  layer.bias if hasattr(layer, "bias") else layer[0].bias)
+        return lambda: torch.autograd.grad(layer(x), inputs, dy)
 
-    def native():
-        torch.autograd.grad(torch.relu(F.group_norm(x, 32, w, b, 1e-5)), (x, w, b), dy)
-
-    def imnet():
-        torch.autograd.grad(gnk.group_norm(x, 32, w, b, 1e-5, act="relu"), (x, w, b), dy)
-
-    methods = {"bn": bn, "native": native, "imnet": imnet}
+    methods = {name: method(layer) for name, layer in layers.items()}
     for f in methods.values():  # compile (imnet) and warm up
         for _ in range(20):
             f()

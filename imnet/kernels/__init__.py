@@ -52,6 +52,13 @@ def kernel_applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _interpret() and triton_available()
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    """group_norm_checked, imported on first use (an import statement in forward costs each call)."""
+    from imnet.kernels.group_norm import group_norm_checked
+    return group_norm_checked
+
+
 class ChannelsLastGroupNorm(nn.GroupNorm):
     """nn.GroupNorm with the channels-last Triton kernels and optional fused ReLU / residual + ReLU.
 
@@ -68,8 +75,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if kernel_applies(x):
-            from imnet.kernels.group_norm import group_norm
-            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.act, residual)
+            return _kernel()(x, self.num_groups, self.weight, self.bias, self.eps, self.act, residual)
         return reference.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.act, residual)
 
     def extra_repr(self) -> str:

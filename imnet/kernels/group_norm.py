@@ -662,9 +662,6 @@ class GroupNormNHWC(torch.autograd.Function):
         return dx, dw, db, dr, None, None, None, None
 
 
-# Not traced by Dynamo: under model.compile each norm is a graph break and runs these kernels eagerly.
-# Tracing the launches into the graph (torch.library.triton_op) is not verified yet.
-@torch.compiler.disable
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5, act: str | None = None,
                residual: torch.Tensor | None = None, rows_per_chunk: int | None = None) -> torch.Tensor:
@@ -673,7 +670,6 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     act: None or "relu"; residual (same shape, needs act="relu"): relu(group_norm(x) + residual).
     The output is channels-last in x's dtype. rows_per_chunk forces the spatial split (tests).
     """
-    check_act(act, residual)
     if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"group_norm: expected a channels-last 4-D tensor, got shape {tuple(x.shape)} "
                          f"with strides {x.stride()}")
@@ -685,6 +681,18 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (C,):
             raise ValueError(f"group_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
+    return group_norm_checked(x, num_groups, weight, bias, eps, act, residual, rows_per_chunk)
+
+
+# Not traced by Dynamo: under model.compile each norm is a graph break and runs these kernels eagerly.
+# Tracing the launches into the graph (torch.library.triton_op) is not verified yet.
+@torch.compiler.disable
+def group_norm_checked(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       eps: float, act: str | None, residual: torch.Tensor | None,
+                       rows_per_chunk: int | None = None) -> torch.Tensor:
+    """group_norm() once x, the groups and the parameters' shapes are known to be right (the module:
+    kernel_applies checked x, nn.GroupNorm the rest); checks act and the residual."""
+    check_act(act, residual)
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"group_norm: residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
