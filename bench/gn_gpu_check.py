@@ -7,7 +7,8 @@ epilogue (plain, fused ReLU, fused residual-add + ReLU): fresh random inputs (x 
 random gamma, beta, dy, residual; never zeros), the kernels' forward and all gradients (input,
 gamma, beta, residual) against torch.nn.functional.group_norm (+ add, ReLU) in float64 on the GPU.
 Also the spatial split forced to 7-row chunks at batch 2, and ChannelsLastGroupNorm under bf16
-autocast. Prints one table row per case and exits 1 on any mismatch (2 without a GPU).
+autocast. Each case runs twice, on different data: the first call compiles and records the kernels,
+the checked second one starts the recorded kernels directly, the path of every later training step. Prints one table row per case and exits 1 on any mismatch (2 without a GPU).
 
 ReLU ties: with ReLU, dy is set to 0 where the float64 pre-activation is within 1e-5 * its max of
 0 (reference.relu_ties): there float32 rounding decides relu'(v), and at 32 images a few such
@@ -41,6 +42,14 @@ def check(n, c, h, w, dtype, epilogue, gen, rows_per_chunk=None, groups=32) -> d
 
     act, residual = EPILOGUES[epilogue]
     cl = torch.channels_last
+    # A first call on other data goes through Triton's JIT, which compiles (or loads) the kernels, and
+    # records them; the checked call below starts them directly, as every training step after the
+    # first does (group_norm._Replay). Its fresh inputs would show a launch with stale arguments.
+    first = [t.requires_grad_() for t in reference.random_inputs(n, c, h, w, dtype, gen, residual) if t is not None]
+    first_dy = first.pop(3)
+    y = gnk.group_norm(first[0], groups, first[1], first[2], 1e-5, act=act,
+                       residual=first[3] if residual else None, rows_per_chunk=rows_per_chunk)
+    torch.autograd.grad(y, first, first_dy.detach())
     x, weight, bias, dy, r = reference.random_inputs(n, c, h, w, dtype, gen, residual)
     ties = 0
     raw_dx = None
