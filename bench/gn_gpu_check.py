@@ -7,7 +7,7 @@ epilogue (plain, fused ReLU, fused residual-add + ReLU): fresh random inputs (x 
 random gamma, beta, dy, residual; never zeros), the kernels' forward and all gradients (input,
 gamma, beta, residual) against torch.nn.functional.group_norm (+ add, ReLU) in float64 on the GPU.
 Also the spatial split forced to 7-row chunks at batch 2, and ChannelsLastGroupNorm under bf16
-autocast. Each case runs twice, on different data: the first call compiles and records the kernels,
+autocast, and torch.compile's path (the custom ops) against eager. Each case runs twice, on different data: the first call compiles and records the kernels,
 the checked second one starts the recorded kernels directly, the path of every later training step. Prints one table row per case and exits 1 on any mismatch (2 without a GPU).
 
 ReLU ties: with ReLU, dy is set to 0 where the float64 pre-activation is within 1e-5 * its max of
@@ -96,6 +96,44 @@ def check_module_under_autocast(gen, dev="cuda") -> list[str]:
     return problems
 
 
+def check_compiled(gen, dev="cuda") -> list[str]:
+    """torch.compile (aot_eager backend: autograd traced, ops run as they are) of relu(GN(x) + r) and
+    GN + ReLU modules in bf16: one graph, no break, and the output and every gradient equal to eager's
+    (the custom ops imnet::group_norm_fwd/_bwd launch the same kernels)."""
+    from imnet.kernels import ChannelsLastGroupNorm
+
+    torch.manual_seed(1)
+    gn1 = ChannelsLastGroupNorm(32, 256, act="relu").to(dev)
+    gn2 = ChannelsLastGroupNorm(32, 256, act="relu").to(dev)
+
+    def f(x, r):
+        return gn2(gn1(x), r)
+
+    x = (3 * torch.randn(8, 256, 14, 14, device=dev, generator=gen) + 5).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    r = torch.randn(x.shape, device=dev, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, device=dev, generator=gen).to(torch.bfloat16)
+    params = [*gn1.parameters(), *gn2.parameters()]
+
+    def run(fn):
+        xs, rs = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = fn(xs, rs)
+        return [y.detach(), *torch.autograd.grad(y, [xs, rs, *params], dy)]
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(x, r)
+    problems = []
+    if explained.graph_break_count:
+        problems.append(f"compile: {explained.graph_break_count} graph breaks: {explained.break_reasons}")
+    eager = run(f)
+    compiled = run(torch.compile(f, backend="aot_eager"))
+    names = ["y", "dx", "dresidual", "dgamma1", "dbeta1", "dgamma2", "dbeta2"]
+    for name, a, b in zip(names, compiled, eager):
+        if not torch.equal(a, b):
+            problems.append(f"compile: {name} differs from eager by {(a.float() - b.float()).abs().max().item():.1e}")
+    return problems
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[2, 32])
@@ -134,11 +172,13 @@ def main() -> int:
         raw = "-" if r["raw_dx"] is None else f"{r['raw_dx']:.1e}"
         print(f"| {n} | {c} | {h}x{w} | {dt} | {ep}{'' if rows is None else f' (rows {rows})'} | {r['chunks']} | "
               f"{cols} | {r['ties']} | {raw} | {'ok' if ok else 'FAIL: ' + '; '.join(r['problems'])} |", flush=True)
-    problems = check_module_under_autocast(gen, args.device)
-    for msg in problems:
-        print(f"FAIL: {msg}")
-    failures += len(problems)
-    print(f"{len(cases) + 1 - failures} / {len(cases) + 1} checks passed")
+    failed = 0
+    for name, fn in (("module under autocast", check_module_under_autocast), ("torch.compile", check_compiled)):
+        problems = fn(gen, args.device)
+        print(f"{name}: " + ("ok" if not problems else "FAIL: " + "; ".join(problems)), flush=True)
+        failed += bool(problems)
+    failures += failed
+    print(f"{len(cases) + 2 - failures} / {len(cases) + 2} checks passed")
     return 1 if failures else 0
 
 

@@ -406,3 +406,64 @@ def test_fused_bottleneck_runs_the_kernels_like_the_unfused_block(residual):
     g1 = torch.autograd.grad(ys[1], [xs[1], *ref.parameters()], dy)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+class _Blocks(nn.Module):
+    """conv -> GN + ReLU -> conv -> relu(GN + identity) -> GN without affine parameters -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.gn1 = ChannelsLastGroupNorm(8, 32, act="relu")
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.gn2 = ChannelsLastGroupNorm(8, 32, act="relu")
+        self.gn3 = ChannelsLastGroupNorm(4, 32, affine=False)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        a = self.gn1(self.conv1(x))
+        b = self.gn2(self.conv2(a), a)
+        return self.head(self.gn3(b).mean((2, 3)))
+
+
+def _loss_and_grads(model, fn, x):
+    for p in model.parameters():
+        p.grad = None
+    out = fn(x)
+    out.square().sum().backward()
+    return [out.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+def test_torch_compile_traces_the_norms_without_graph_breaks():
+    """Under torch.compile the norms are the custom ops imnet::group_norm_fwd/_bwd (the same kernels),
+    not a graph break per norm: one graph, with the ops in it. With aot_eager (autograd traced, the
+    ops run as they are) the loss and every gradient equal eager's exactly; with Inductor (which
+    also fuses the convs' neighbours) to float rounding."""
+    torch.manual_seed(0)
+    model = _Blocks().to(memory_format=torch.channels_last)
+    x = _cl(torch.randn(2, 3, 8, 8))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert "imnet.group_norm_fwd" in explained.graphs[0].code
+    eager = _loss_and_grads(model, model, x)
+    for backend, tol in (("aot_eager", 0.0), ("inductor", 1e-5)):
+        torch._dynamo.reset()
+        got = _loss_and_grads(model, torch.compile(model, backend=backend), x)
+        for a, b in zip(got, eager):
+            assert (a - b).abs().max().item() <= tol * b.abs().max().item(), backend
+
+
+@pytest.mark.parametrize("act, residual", [("", False), ("relu", False), ("residual_relu", True)])
+def test_custom_ops_pass_opcheck(act, residual):
+    """torch.library.opcheck: the ops' schemas, fake (meta) implementations, autograd registration and
+    aliasing rules, as torch.compile relies on them."""
+    x, weight, bias, dy, r = _data(2, 16, 5, 5, torch.float32, 3, residual)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
+            r.requires_grad_() if residual else None, 4, 1e-5, act, None)
+    torch.library.opcheck(torch.ops.imnet.group_norm_fwd, args)
+    y, mean_rstd = torch.ops.imnet.group_norm_fwd(*args)
+    for need_dx, need_dparams in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(torch.ops.imnet.group_norm_bwd,
+                              (dy, x.detach(), y.detach(), weight.detach(), bias.detach(), mean_rstd.detach(), 4,
+                               act, None, need_dx, need_dparams))

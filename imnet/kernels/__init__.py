@@ -16,7 +16,6 @@ Where its forward runs:
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -29,14 +28,19 @@ __all__ = ["ChannelsLastGroupNorm", "kernel_applies", "triton_available"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
+_triton_imports: bool | None = None   # (module globals, not functools caches: torch.compile traces these)
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install that fails while importing
-        return False
-    return True
+    global _triton_imports
+    if _triton_imports is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _triton_imports = True
+        except Exception:  # ImportError, or a broken install that fails while importing
+            _triton_imports = False
+    return _triton_imports
 
 
 def _interpret() -> bool:
@@ -52,11 +56,16 @@ def kernel_applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _interpret() and triton_available()
 
 
-@functools.lru_cache(maxsize=None)
+_group_norm_checked = None
+
+
 def _kernel():
     """group_norm_checked, imported on first use (an import statement in forward costs each call)."""
-    from imnet.kernels.group_norm import group_norm_checked
-    return group_norm_checked
+    global _group_norm_checked
+    if _group_norm_checked is None:
+        from imnet.kernels.group_norm import group_norm_checked
+        _group_norm_checked = group_norm_checked
+    return _group_norm_checked
 
 
 class ChannelsLastGroupNorm(nn.GroupNorm):

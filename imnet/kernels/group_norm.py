@@ -51,6 +51,11 @@ tests/test_gn_kernels.py. The 128, 4096, 4 and the warps per program are the kno
 (IMNET_GN_TUNE="programs_per_sm=2,tile=8192"; bench/gn_tune.py times the alternatives on a GPU: on an
 H100, 4 programs per SM beat 2 and 8, see BENCHMARKS.md).
 
+torch.compile: group_norm_checked calls the autograd Function in eager mode and, while Dynamo
+traces, the custom ops imnet::group_norm_fwd / imnet::group_norm_bwd around the same launchers, so a
+compiled model keeps its norms in one graph (tests/test_gn_kernels.py: no graph break, gradients
+equal to eager's).
+
 Interpreter: `triton.jit` picks the CPU interpreter or the compiler when it decorates a function,
 from TRITON_INTERPRET at that moment. The kernels below are plain functions decorated on first use,
 once per mode (`_jit()`), so what TRITON_INTERPRET says when the kernel runs decides, whatever
@@ -60,6 +65,7 @@ was imported before.
 import dataclasses
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -689,18 +695,94 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     return group_norm_checked(x, num_groups, weight, bias, eps, act, residual, rows_per_chunk)
 
 
-# Not traced by Dynamo: under model.compile each norm is a graph break and runs these kernels eagerly.
-# Tracing the launches into the graph (torch.library.triton_op) is not verified yet.
-@torch.compiler.disable
 def group_norm_checked(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        eps: float, act: str | None, residual: torch.Tensor | None,
                        rows_per_chunk: int | None = None) -> torch.Tensor:
     """group_norm() once x, the groups and the parameters' shapes are known to be right (the module:
-    kernel_applies checked x, nn.GroupNorm the rest); checks act and the residual."""
+    kernel_applies checked x, nn.GroupNorm the rest); checks act and the residual.
+
+    Eager: the autograd Function GroupNormNHWC. Under torch.compile: the custom ops
+    imnet::group_norm_fwd / imnet::group_norm_bwd (the same kernels, opaque to the compiler), so a
+    compiled model has no graph break at its norms."""
     check_act(act, residual)
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"group_norm: residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
         # A copy only if it is not already like x (autograd casts the gradient back).
         residual = _channels_last(residual.to(x.dtype))
-    return GroupNormNHWC.apply(x, weight, bias, residual, num_groups, float(eps), act, rows_per_chunk)
+    if not torch.compiler.is_compiling():
+        return GroupNormNHWC.apply(x, weight, bias, residual, num_groups, float(eps), act, rows_per_chunk)
+    C = x.shape[1]
+    w = weight if weight is not None else torch.ones(C, device=x.device, dtype=torch.float32)
+    b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=torch.float32)
+    code = "residual_relu" if residual is not None else (act or "")
+    return torch.ops.imnet.group_norm_fwd(x, w, b, residual, num_groups, float(eps), code, rows_per_chunk)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: custom ops around _forward / _backward. The forward returns y and the (2, N*G)
+# float32 mean and rstd (copied out of the statistics buffer, so that the op's outputs have shapes
+# the compiler can know without the launch plan); the backward puts them back into a buffer laid
+# out as _forward's. act: "" (none), "relu" or "residual_relu".
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("imnet::group_norm_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor],
+            groups: int, eps: float, act: str, rows_per_chunk: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    N, C = x.shape[:2]
+    y, stats, call, _ = _forward(x, weight, bias, groups, eps, act or None, residual, rows_per_chunk)
+    moff = N * call.plan.chunks * C
+    return y, stats[:, moff:moff + N * groups].clone()
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, residual, groups, eps, act, rows_per_chunk):
+    return (torch.empty_like(x, memory_format=torch.channels_last),
+            x.new_empty((2, x.shape[0] * groups), dtype=torch.float32))
+
+
+@torch.library.custom_op("imnet::group_norm_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            mean_rstd: torch.Tensor, groups: int, act: str, rows_per_chunk: Optional[int], need_dx: bool,
+            need_dparams: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dgamma, dbeta, d residual); an empty tensor for each one not asked for (need_dx,
+    need_dparams; d residual only with the residual epilogue)."""
+    N, C, H, W = x.shape
+    key = ("op", x.shape, x.device, _spec(x), _spec(weight), _spec(bias), groups, act, rows_per_chunk)
+    fwd = _calls.get(key)
+    if fwd is None:
+        fwd = _calls[key] = _fwd_call(N, C, H * W, groups, 0.0, act or None, _sm_count(x.device), rows_per_chunk)
+    stats = torch.empty((2, fwd.plane), device=x.device, dtype=torch.float32)
+    moff = N * fwd.plan.chunks * C
+    stats[:, moff:moff + N * groups] = mean_rstd
+    dx, dw, db, dr = _backward(_channels_last(dy), x, y, weight, bias, stats, groups, act or None, fwd, key,
+                               need_dx, need_dparams, True)
+    return tuple(x.new_empty(0) if t is None else t for t in (dx, dw, db, dr))  # (distinct empties: no aliases)
+
+
+@_bwd_op.register_fake
+def _(dy, x, y, weight, bias, mean_rstd, groups, act, rows_per_chunk, need_dx, need_dparams):
+    cl = torch.channels_last
+    return (torch.empty_like(x, memory_format=cl) if need_dx else x.new_empty(0),
+            torch.empty_like(weight) if need_dparams else x.new_empty(0),
+            torch.empty_like(bias) if need_dparams else x.new_empty(0),
+            torch.empty_like(x, memory_format=cl) if act == "residual_relu" else x.new_empty(0))
+
+
+def _fwd_op_setup(ctx, inputs, output):
+    x, weight, bias, residual, groups, eps, act, rows_per_chunk = inputs
+    y, mean_rstd = output
+    ctx.save_for_backward(x, weight, bias, mean_rstd, y if act == "residual_relu" else x)  # y: for its mask
+    ctx.groups, ctx.act, ctx.rows_per_chunk = groups, act, rows_per_chunk
+
+
+def _fwd_op_backward(ctx, dy, _dmean_rstd):
+    x, weight, bias, mean_rstd, y = ctx.saved_tensors
+    need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
+    dx, dw, db, dr = torch.ops.imnet.group_norm_bwd(dy, x, y, weight, bias, mean_rstd, ctx.groups, ctx.act,
+                                                    ctx.rows_per_chunk, need_dx, need_dw or need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+            dr if need_dr else None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_fwd_op_backward, setup_context=_fwd_op_setup)
