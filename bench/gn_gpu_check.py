@@ -7,8 +7,10 @@ epilogue (plain, fused ReLU, fused residual-add + ReLU): fresh random inputs (x 
 random gamma, beta, dy, residual; never zeros), the kernels' forward and all gradients (input,
 gamma, beta, residual) against torch.nn.functional.group_norm (+ add, ReLU) in float64 on the GPU.
 Also the spatial split forced to 7-row chunks at batch 2, and ChannelsLastGroupNorm under bf16
-autocast, and torch.compile's path (the custom ops) against eager. Each case runs twice, on different data: the first call compiles and records the kernels,
-the checked second one starts the recorded kernels directly, the path of every later training step. Prints one table row per case and exits 1 on any mismatch (2 without a GPU).
+autocast, and torch.compile's path (the custom ops) against eager. Each case runs twice, on
+different data: the first call compiles and records the kernels, the checked second one starts the
+recorded kernels directly, the path of every later training step. Prints one table row per case
+and exits 1 on any mismatch (2 without a GPU).
 
 ReLU ties: with ReLU, dy is set to 0 where the float64 pre-activation is within 1e-5 * its max of
 0 (reference.relu_ties): there float32 rounding decides relu'(v), and at 32 images a few such

@@ -473,6 +473,7 @@ class _Step:
 class _Call:
     plan: Plan
     plane: int           # PLANE: length of each of the 2 rows of the float32 scratch buffer
+    moff: int            # MOFF = N*S*C: where the per-group values start in each row
     steps: tuple         # _Step, in launch order
     compiled: tuple | None = None   # per step: (name, kernel, run, function, packed metadata, grid, rest)
 
@@ -548,7 +549,7 @@ def _fwd_call(n, c, hw, groups, eps, act, sms, rows_per_chunk) -> _Call:
     moff = n * p.chunks * c
     plane = -(-(moff + n * groups) // 16) * 16   # 64-byte aligned planes
     hwb = _cdiv(hw, p.apply_block_hw)
-    return _Call(p, plane, (
+    return _Call(p, plane, moff, (
         _Step("_fwd_stats", (n * p.chunks, cblocks), (hw, c, p.chunks, p.rows, plane),
               dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c), p.num_warps),
         _Step("_fwd_combine", (n * groups,), (groups, hw, c, p.chunks, p.rows, cpg, plane, moff, eps),
@@ -558,9 +559,8 @@ def _fwd_call(n, c, hw, groups, eps, act, sms, rows_per_chunk) -> _Call:
 
 
 def _bwd_call(n, c, hw, groups, act, fwd: _Call, need_dx, need_dparams) -> _Call:
-    p, plane = fwd.plan, fwd.plane
+    p, plane, moff = fwd.plan, fwd.plane, fwd.moff
     cpg, cblocks = c // groups, _cdiv(c, p.block_c)
-    moff = n * p.chunks * c
     code = ACT_CODES[act]
     steps = [_Step("_bwd_reduce", (n * p.chunks, cblocks), (hw, c, groups, cpg, p.chunks, p.rows, plane, moff),
                    dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code), p.num_warps)]
@@ -576,7 +576,7 @@ def _bwd_call(n, c, hw, groups, act, fwd: _Call, need_dx, need_dparams) -> _Call
         steps.append(_Step("_bwd_apply", (n * hwb, cblocks), (hw, c, groups, cpg, hwb, plane, moff),
                            dict(BLOCK_HW=p.apply_block_hw, BLOCK_C=p.block_c, ACT=1 if code == 1 else 0),
                            p.num_warps))
-    return _Call(p, plane, tuple(steps))
+    return _Call(p, plane, moff, tuple(steps))
 
 
 def _forward(x, weight, bias, groups, eps, act, residual, rows_per_chunk):
@@ -602,10 +602,10 @@ def _forward(x, weight, bias, groups, eps, act, residual, rows_per_chunk):
     return y, stats, call, key
 
 
-def mean_rstd(stats: torch.Tensor, n: int, c: int, groups: int, p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (N, G) float32 mean and rstd in the statistics buffer of a forward with plan p."""
-    moff = n * p.chunks * c
-    return stats[0, moff:moff + n * groups].view(n, groups), stats[1, moff:moff + n * groups].view(n, groups)
+def mean_rstd(stats: torch.Tensor, call: _Call, n: int, groups: int) -> torch.Tensor:
+    """The float32 mean (row 0) and rstd (row 1), (2, N, G), in the statistics buffer of the forward
+    `call` (a view)."""
+    return stats[:, call.moff:call.moff + n * groups].view(2, n, groups)
 
 
 def _backward(dy, x, y, weight, bias, stats, groups, act, fwd: _Call, fwd_key, need_dx, need_dparams, need_dr):
@@ -648,10 +648,8 @@ class GroupNormNHWC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, groups, eps, act, rows_per_chunk):
-        C = x.shape[1]
         # (Inside forward autograd records nothing: the parameters go to the kernels as they are.)
-        w = weight if weight is not None else torch.ones(C, device=x.device, dtype=torch.float32)
-        b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=torch.float32)
+        w, b = _affine(x, weight, bias)
         code = "residual_relu" if residual is not None else act
         y, stats, call, key = _forward(x, w, b, groups, eps, code, residual, rows_per_chunk)
         ctx.save_for_backward(x, w, b, stats, y if residual is not None else None)
@@ -671,6 +669,13 @@ class GroupNormNHWC(torch.autograd.Function):
         dw = dw if need_dw and ctx.has_weight else None   # in the parameters' dtypes already
         db = db if need_db and ctx.has_bias else None
         return dx, dw, db, dr, None, None, None, None
+
+
+def _affine(x, weight, bias):
+    """weight and bias, gamma = 1 and beta = 0 (float32) in place of a missing one."""
+    C = x.shape[1]
+    return (weight if weight is not None else torch.ones(C, device=x.device, dtype=torch.float32),
+            bias if bias is not None else torch.zeros(C, device=x.device, dtype=torch.float32))
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
@@ -712,15 +717,13 @@ def group_norm_checked(x: torch.Tensor, num_groups: int, weight: torch.Tensor | 
         residual = _channels_last(residual.to(x.dtype))
     if not torch.compiler.is_compiling():
         return GroupNormNHWC.apply(x, weight, bias, residual, num_groups, float(eps), act, rows_per_chunk)
-    C = x.shape[1]
-    w = weight if weight is not None else torch.ones(C, device=x.device, dtype=torch.float32)
-    b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=torch.float32)
+    w, b = _affine(x, weight, bias)
     code = "residual_relu" if residual is not None else (act or "")
     return torch.ops.imnet.group_norm_fwd(x, w, b, residual, num_groups, float(eps), code, rows_per_chunk)[0]
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile: custom ops around _forward / _backward. The forward returns y and the (2, N*G)
+# torch.compile: custom ops around _forward / _backward. The forward returns y and the (2, N, G)
 # float32 mean and rstd (copied out of the statistics buffer, so that the op's outputs have shapes
 # the compiler can know without the launch plan); the backward puts them back into a buffer laid
 # out as _forward's. act: "" (none), "relu" or "residual_relu".
@@ -729,39 +732,36 @@ def group_norm_checked(x: torch.Tensor, num_groups: int, weight: torch.Tensor | 
 @torch.library.custom_op("imnet::group_norm_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor],
             groups: int, eps: float, act: str, rows_per_chunk: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    N, C = x.shape[:2]
     y, stats, call, _ = _forward(x, weight, bias, groups, eps, act or None, residual, rows_per_chunk)
-    moff = N * call.plan.chunks * C
-    return y, stats[:, moff:moff + N * groups].clone()
+    return y, mean_rstd(stats, call, x.shape[0], groups).clone()
 
 
 @_fwd_op.register_fake
 def _(x, weight, bias, residual, groups, eps, act, rows_per_chunk):
     return (torch.empty_like(x, memory_format=torch.channels_last),
-            x.new_empty((2, x.shape[0] * groups), dtype=torch.float32))
+            x.new_empty((2, x.shape[0], groups), dtype=torch.float32))
 
 
 @torch.library.custom_op("imnet::group_norm_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-            mean_rstd: torch.Tensor, groups: int, act: str, rows_per_chunk: Optional[int], need_dx: bool,
+            moments: torch.Tensor, groups: int, act: str, rows_per_chunk: Optional[int], need_dx: bool,
             need_dparams: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dgamma, dbeta, d residual); an empty tensor for each one not asked for (need_dx,
-    need_dparams; d residual only with the residual epilogue)."""
+    need_dparams; d residual only with the residual epilogue). moments: group_norm_fwd's mean, rstd."""
     N, C, H, W = x.shape
     key = ("op", x.shape, x.device, _spec(x), _spec(weight), _spec(bias), groups, act, rows_per_chunk)
     fwd = _calls.get(key)
     if fwd is None:
         fwd = _calls[key] = _fwd_call(N, C, H * W, groups, 0.0, act or None, _sm_count(x.device), rows_per_chunk)
     stats = torch.empty((2, fwd.plane), device=x.device, dtype=torch.float32)
-    moff = N * fwd.plan.chunks * C
-    stats[:, moff:moff + N * groups] = mean_rstd
+    mean_rstd(stats, fwd, N, groups).copy_(moments)
     dx, dw, db, dr = _backward(_channels_last(dy), x, y, weight, bias, stats, groups, act or None, fwd, key,
                                need_dx, need_dparams, True)
     return tuple(x.new_empty(0) if t is None else t for t in (dx, dw, db, dr))  # (distinct empties: no aliases)
 
 
 @_bwd_op.register_fake
-def _(dy, x, y, weight, bias, mean_rstd, groups, act, rows_per_chunk, need_dx, need_dparams):
+def _(dy, x, y, weight, bias, moments, groups, act, rows_per_chunk, need_dx, need_dparams):
     cl = torch.channels_last
     return (torch.empty_like(x, memory_format=cl) if need_dx else x.new_empty(0),
             torch.empty_like(weight) if need_dparams else x.new_empty(0),
@@ -771,15 +771,15 @@ def _(dy, x, y, weight, bias, mean_rstd, groups, act, rows_per_chunk, need_dx, n
 
 def _fwd_op_setup(ctx, inputs, output):
     x, weight, bias, residual, groups, eps, act, rows_per_chunk = inputs
-    y, mean_rstd = output
-    ctx.save_for_backward(x, weight, bias, mean_rstd, y if act == "residual_relu" else x)  # y: for its mask
+    y, moments = output
+    ctx.save_for_backward(x, weight, bias, moments, y if act == "residual_relu" else x)  # y: for its mask
     ctx.groups, ctx.act, ctx.rows_per_chunk = groups, act, rows_per_chunk
 
 
-def _fwd_op_backward(ctx, dy, _dmean_rstd):
-    x, weight, bias, mean_rstd, y = ctx.saved_tensors
+def _fwd_op_backward(ctx, dy, _dmoments):
+    x, weight, bias, moments, y = ctx.saved_tensors
     need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
-    dx, dw, db, dr = torch.ops.imnet.group_norm_bwd(dy, x, y, weight, bias, mean_rstd, ctx.groups, ctx.act,
+    dx, dw, db, dr = torch.ops.imnet.group_norm_bwd(dy, x, y, weight, bias, moments, ctx.groups, ctx.act,
                                                     ctx.rows_per_chunk, need_dx, need_dw or need_db)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
             dr if need_dr else None, None, None, None, None)
