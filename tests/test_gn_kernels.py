@@ -50,6 +50,13 @@ def _cl(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
+@pytest.fixture
+def tuned():
+    """set_tuning(parse_tuning(text)) for the test, the defaults again after it."""
+    yield lambda text: gnk.set_tuning(gnk.parse_tuning(text))
+    gnk.set_tuning(gnk.Tuning())
+
+
 def _data(n, c, h, w, dtype, seed, residual=False):
     return reference.random_inputs(n, c, h, w, dtype, torch.Generator().manual_seed(seed), residual)
 
@@ -160,8 +167,11 @@ def test_saved_statistics_are_float32_mean_and_rstd():
     torch.testing.assert_close(rstd.double(), (var + 1e-5).rsqrt(), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tune", ["", "local=16,programs_per_sm=1"])
 @pytest.mark.parametrize("grads", ["x", "params", "none"])
-def test_partial_requires_grad(grads):
+def test_partial_requires_grad(tuned, grads, tune):
+    tuned(tune)
+    assert gnk.plan(2, 32, 9, 8, 1).local == bool(tune)
     x, weight, bias, dy, _ = _data(2, 32, 3, 3, torch.float32, 2)
     x.requires_grad_(grads == "x")
     weight.requires_grad_(grads == "params")
@@ -240,13 +250,6 @@ def test_plan_fills_an_h100_with_two_images():
 TUNINGS = ["tile=512,block_c=16,warps=2", "programs_per_sm=8,tile=1024,align_rows=1", "tile=8192,warps=8,block_c=256"]
 
 
-@pytest.fixture
-def tuned():
-    """set_tuning(parse_tuning(text)) for the test, the defaults again after it."""
-    yield lambda text: gnk.set_tuning(gnk.parse_tuning(text))
-    gnk.set_tuning(gnk.Tuning())
-
-
 @pytest.mark.parametrize("text", TUNINGS)
 def test_other_tunings_compute_the_same_function(tuned, text):
     tuned(text)
@@ -275,6 +278,54 @@ def test_set_tuning_replans_and_forgets_cached_launches(tuned):
     _check(2, 256, 4, 4, 32, torch.float32)  # the new plan's kernels, not the old ones' constexprs
 
 
+# --- local kernels (IMNET_GN_TUNE=local=...): statistics and apply in one program -----------------
+
+# Every channel count per program: 16 lanes of 8 groups of 2 channels over several tiles, 12 of 16
+# lanes for groups of 6, a block wider than C (6 channels in 8 lanes); 64 lanes of one group (cpg 64),
+# of 8 groups of 8, of 2 groups of 32.
+SMALL_TILES = "local=16,programs_per_sm=1,tile=64,block_c=16"
+LOCAL_CASES = [(SMALL_TILES, (2, 64, 7, 7, 32)), (SMALL_TILES, (1, 24, 3, 5, 4)), (SMALL_TILES, (1, 6, 5, 3, 3)),
+               ("local=64,programs_per_sm=1", (1, 2048, 2, 2, 32)), ("local=64,programs_per_sm=1", (2, 256, 4, 4, 32)),
+               ("local=64,programs_per_sm=1", (2, 64, 4, 4, 2))]
+
+
+@pytest.mark.parametrize("text, shape", LOCAL_CASES, ids=str)
+def test_local_kernels_compute_the_same_function(tuned, text, shape):
+    """SMALL_TILES: 4 rows per tile at 16 lanes, so both sweeps walk several tiles (7x7: 13, the last
+    holding 1 row)."""
+    tuned(text)
+    n, c, h, w, groups = shape
+    p = gnk.plan(n, c, h * w, groups, 1)
+    cpg = c // groups
+    assert p.local and p.chunks == 1 and p.channels % cpg == 0 and p.channels <= p.block_c
+    for act, residual in ((None, False), ("relu", False), ("relu", True)):
+        _check(*shape, torch.float32, act, residual)
+    _check(*shape, torch.bfloat16, "relu", True)
+    x = _data(n, c, h, w, torch.float32, 1)[0]
+    _, stats, call, _ = gnk._forward(x, torch.ones(c), torch.zeros(c), groups, 1e-5, None, None, None)
+    mean, rstd = gnk.mean_rstd(stats, call, n, groups)
+    var, mu = torch.var_mean(x.double().reshape(n, groups, -1), dim=-1, unbiased=False)
+    torch.testing.assert_close(mean.double(), mu, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rstd.double(), (var + 1e-5).rsqrt(), atol=1e-6, rtol=1e-5)
+
+
+def test_local_plan_only_where_its_programs_fill_the_gpu(tuned):
+    """local=16 on an H100 (132 SMs, 4 x 132 programs wanted): every ResNet-50 layer at 256 images,
+    the layers of 512 or more channels at 32 (32 x 512/16 = 1024 programs; 256 channels: 512), none
+    at 2 images (the split plan). Never with a group wider than 64 channels, nor with a forced split."""
+    tuned("local=16")
+    for c, h, w in resnet50_norm_shapes():
+        for n in (256, 32, 2):
+            p = gnk.plan(n, c, h * w, 32, 132)
+            assert p.local == (n == 256 or (n == 32 and c >= 512)), (n, c, h, w)
+            assert p.reduce_programs(n, c) >= 4 * 132 or n == 2
+            if p.local:
+                assert p.channels == max(16, c // 32) and p.reduce_programs(n, c) == p.apply_programs(n, c, h * w)
+    assert not gnk.plan(256, 256, 49, 2, 132).local          # 128 channels per group
+    assert gnk.plan(256, 256, 49, 4, 132).local              # 64
+    assert not gnk.plan(256, 256, 49, 32, 132, 7).local      # rows_per_chunk
+
+
 def test_each_mode_gets_its_own_kernels_whatever_the_environment():
     """Under TRITON_INTERPRET=1 (this file's fixture), asking for the compiled kernels gives compiled
     ones, and the environment is left as it was."""
@@ -294,6 +345,8 @@ def test_each_mode_gets_its_own_kernels_whatever_the_environment():
     ("align_rows=2", "align_rows=2 must be a power of 2 in \\[0, 1\\]"),
     ("programs_per_sm=two", "programs_per_sm='two' is not an integer"),
     ("block_c=256,tile=128", "block_c=256 is larger than tile=128"),
+    ("local=12", "local=12 must be a power of 2 in \\[0, 64\\]"),
+    ("local=128", "local=128 must be a power of 2 in \\[0, 64\\]"),
 ])
 def test_bad_tuning_strings_name_the_problem(text, message):
     with pytest.raises(ValueError, match=f"IMNET_GN_TUNE: {message}"):

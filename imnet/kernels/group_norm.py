@@ -41,6 +41,18 @@ reduction kernels, so their first reads hit what is still in L2; at 1-2 images p
 tensor fits in L2 (50 MB on an H100). Per-(chunk, channel) partials are float32, 8 bytes x C per
 chunk: small next to the tensor except for the 7x7 layers at N = 2, where everything is latency.
 
+Local kernels (opt-in: IMNET_GN_TUNE="local=16"; not yet timed on a GPU): where N * C/16 programs
+fill the GPU (large N), one program per (sample, block of whole groups, e.g. 16 channels) does it all:
+  forward  _fwd_local: per-channel (mean, M2) over its HW rows (Chan, as _fwd_stats), the groups'
+           statistics from its own lanes, then y over the same rows in reverse tile order. 1 launch.
+  backward _bwd_local: sum(dy), sum(dy*xhat) per channel (stored for dgamma, dbeta), c1 and c2 of
+           its groups, then dx over the same rows in reverse; + _bwd_combine's parameter programs
+           for dgamma, dbeta (not needed: 1 launch). 2 launches.
+Still two reads of x (and dy) per program, but the second follows the first within the program:
+with narrow blocks the data of the programs resident at once (132 SMs x ~3 x 16 channels x HW rows)
+fits in L2, so DRAM may see the minimal 2 and 3 passes. Whether it does is what bench/gn_tune.py and
+bench/norm_kernels.py --tune measure on a GPU.
+
 Launch plan (plan()): BLOCK_C = min(C, 128) channels per program; tiles of 4096 elements (rows x
 BLOCK_C); a GPU with `sms` SMs wants at least P = 4*sms programs per kernel. When the N * C/BLOCK_C
 (sample, channel block) pairs are fewer than that, e.g. N = 1-2 images per GPU, the spatial rows are
@@ -79,6 +91,7 @@ COMBINE_BLOCK = 1024
 PARAM_BLOCK_R, PARAM_BLOCK_C = 32, 32   # tile of _bwd_combine's parameter-gradient programs
 
 ACT_CODES = {None: 0, "relu": 1, "residual_relu": 2}
+LOCAL_MAX_C = 64   # most channels (lanes) per program of the local kernels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +294,121 @@ def _bwd_apply(X, DY, DX, STATS, PART, W, B, HW, C, G, CPG, HWB, PLANE, MOFF,
     tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# Local kernels (Tuning.local): a program owns whole groups of one sample (GC <= BLOCK_C channels,
+# all HW rows), so it has its groups' statistics itself: one sweep over its rows for them, a second,
+# in reverse order, to apply them. No partials, no combine launch, and the second sweep reads what
+# the program itself has just read, from L2 when the programs resident at once read less than it
+# holds (narrow blocks). Chosen only where these programs alone fill the GPU (large N).
+
+def _fwd_local(X, Y, RES, STATS, W, B, HW, C, G, CPG, GC, CB, PLANE, MOFF, eps,
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
+    pid = tl.program_id(0)                      # n * CB + block
+    n = pid // CB
+    lane = tl.arange(0, BLOCK_C)
+    cols = (pid % CB) * GC + lane
+    cmask = (lane < GC) & (cols < C)
+    base = n.to(tl.int64) * HW * C
+    mean = tl.full([BLOCK_C], 0.0, tl.float32)
+    m2 = tl.full([BLOCK_C], 0.0, tl.float32)
+    for t in range(0, HW, BLOCK_HW):            # per-channel (mean, M2): as _fwd_stats, one chunk
+        rows = t + tl.arange(0, BLOCK_HW)
+        mask = (rows < HW)[:, None] & cmask[None, :]
+        x = tl.load(X + base + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        nb = tl.minimum(HW - t, BLOCK_HW).to(tl.float32)
+        na = t * 1.0                            # rows merged so far
+        mb = tl.reduce(x, 0, _sum_combine) / nb
+        d = tl.where(mask, x - mb[None, :], 0.0)
+        m2b = tl.reduce(d * d, 0, _sum_combine)
+        delta = mb - mean
+        w = nb / (na + nb)
+        mean += delta * w
+        m2 += m2b + delta * delta * (na * w)
+    # The groups' (mean, M2) from their channels' (all HW rows each), broadcast back to the lanes.
+    grp = cols // CPG
+    same = (grp[:, None] == grp[None, :]) & cmask[None, :]
+    cpg = CPG * 1.0
+    gmean = tl.reduce(tl.where(same, mean[None, :], 0.0), 1, _sum_combine) / cpg
+    dev = m2 + (HW * 1.0) * (mean - gmean) * (mean - gmean)
+    var = tl.reduce(tl.where(same, dev[None, :], 0.0), 1, _sum_combine) / ((HW * 1.0) * cpg)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    first = cmask & (cols % CPG == 0)
+    tl.store(STATS + MOFF + n * G + grp, gmean, mask=first)
+    tl.store(STATS + PLANE + MOFF + n * G + grp, rstd, mask=first)
+    a = rstd * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    nt = (HW + BLOCK_HW - 1) // BLOCK_HW
+    for i in range(0, nt):                      # last tile read first: likeliest still cached
+        rows = (nt - 1 - i) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        mask = (rows < HW)[:, None] & cmask[None, :]
+        off = base + rows[:, None] * C + cols[None, :]
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        v = (x - gmean[None, :]) * a[None, :] + beta[None, :]
+        if ACT == 2:
+            v += tl.load(RES + off, mask=mask, other=0.0).to(tl.float32)
+        if ACT != 0:
+            v = tl.maximum(v, 0.0)
+        tl.store(Y + off, v.to(Y.dtype.element_ty), mask=mask)
+
+
+def _bwd_local(X, DY, Y, DR, DX, STATS, W, B, PART, HW, C, G, CPG, GC, CB, PLANE, MOFF,
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr):
+    pid = tl.program_id(0)                      # n * CB + block
+    n = pid // CB
+    lane = tl.arange(0, BLOCK_C)
+    cols = (pid % CB) * GC + lane
+    cmask = (lane < GC) & (cols < C)
+    grp = cols // CPG
+    gstat = STATS + MOFF + n * G + grp
+    mean = tl.load(gstat, mask=cmask, other=0.0)
+    rstd = tl.load(gstat + PLANE, mask=cmask, other=0.0)
+    gamma = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    a = rstd * gamma
+    if ACT == 1:
+        beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    base = n.to(tl.int64) * HW * C
+    sdy = tl.full([BLOCK_C], 0.0, tl.float32)
+    sdyx = tl.full([BLOCK_C], 0.0, tl.float32)
+    for t in range(0, HW, BLOCK_HW):            # as _bwd_reduce, one chunk
+        rows = t + tl.arange(0, BLOCK_HW)
+        mask = (rows < HW)[:, None] & cmask[None, :]
+        off = base + rows[:, None] * C + cols[None, :]
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 1:
+            v = (x - mean[None, :]) * a[None, :] + beta[None, :]
+            dy = tl.where(v > 0.0, dy, 0.0)
+        if ACT == 2:
+            y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.where(y > 0.0, dy, 0.0)
+            tl.store(DR + off, dy.to(DR.dtype.element_ty), mask=mask)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        sdy += tl.reduce(dy, 0, _sum_combine)
+        sdyx += tl.reduce(dy * xhat, 0, _sum_combine)
+    out = PART + n.to(tl.int64) * C + cols      # per (sample, channel), for _bwd_combine's dgamma, dbeta
+    tl.store(out, sdy, mask=cmask)
+    tl.store(out + PLANE, sdyx, mask=cmask)
+    if NEED_DX:
+        same = (grp[:, None] == grp[None, :]) & cmask[None, :]
+        total = (HW * 1.0) * CPG
+        c1 = rstd * (tl.reduce(tl.where(same, (gamma * sdy)[None, :], 0.0), 1, _sum_combine) / total)
+        c2 = rstd * rstd * (tl.reduce(tl.where(same, (gamma * sdyx)[None, :], 0.0), 1, _sum_combine) / total)
+        nt = (HW + BLOCK_HW - 1) // BLOCK_HW
+        for i in range(0, nt):                  # last tile read first, see _fwd_local
+            rows = (nt - 1 - i) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+            mask = (rows < HW)[:, None] & cmask[None, :]
+            off = base + rows[:, None] * C + cols[None, :]
+            x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+            if ACT == 1:
+                v = (x - mean[None, :]) * a[None, :] + beta[None, :]
+                dy = tl.where(v > 0.0, dy, 0.0)
+            if ACT == 2:   # the mask again from y (not the dr just stored: other threads wrote it)
+                y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.where(y > 0.0, dy, 0.0)
+            dx = a[None, :] * dy - c1[None, :] - c2[None, :] * (x - mean[None, :])
+            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
 def interpreting() -> bool:
     """TRITON_INTERPRET as Triton reads it: the kernels run on the CPU, in numpy."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -290,7 +418,7 @@ def interpreting() -> bool:
 def _jit(interpret: bool) -> dict:
     """The kernels decorated for the interpreter or the compiler, as asked, whatever TRITON_INTERPRET
     says now (triton.jit reads it while decorating)."""
-    fns = (_fwd_stats, _fwd_combine, _fwd_apply, _bwd_reduce, _bwd_combine, _bwd_apply)
+    fns = (_fwd_stats, _fwd_combine, _fwd_apply, _bwd_reduce, _bwd_combine, _bwd_apply, _fwd_local, _bwd_local)
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
@@ -338,6 +466,9 @@ class Tuning:
     warps: int = 0              # warps per program; 0: from the tile (4 from 2048 elements, 2 from 512, else 1)
     align_rows: int = 0         # 1: split chunks of whole tiles (rows a multiple of the tile's rows, or a
                                 # power of 2 below it), so no tile of a chunk runs partly empty
+    local: int = 0              # >0: the local kernels (_fwd_local, _bwd_local) with this many channels per
+                                # program (rounded to whole groups, at most 64) where their grid alone has the
+                                # programs wanted; 0: never
 
     def __str__(self) -> str:
         """The IMNET_GN_TUNE string of the knobs that differ from the defaults ("" for the defaults)."""
@@ -347,7 +478,7 @@ class Tuning:
 
 
 _TUNING_RANGES = {"tile": (64, 65536), "block_c": (16, 512), "programs_per_sm": (1, 64), "warps": (0, 16),
-                  "align_rows": (0, 1)}
+                  "align_rows": (0, 1), "local": (0, LOCAL_MAX_C)}
 
 
 def parse_tuning(text: str) -> Tuning:
@@ -392,18 +523,22 @@ def set_tuning(t: Tuning) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    block_c: int         # channels per program, all kernels
+    block_c: int         # channel lanes per program, all kernels
     rows: int            # R: rows per spatial chunk of _fwd_stats / _bwd_reduce
     chunks: int          # S = ceil(HW / R); 1: no split
     block_hw: int        # rows per tile of _fwd_stats / _bwd_reduce
     apply_block_hw: int  # rows per tile of _fwd_apply / _bwd_apply
     combine_block: int   # partials per step of the combine kernels
     num_warps: int
+    channels: int        # channels per program: block_c, or the local kernels' whole groups (<= block_c)
+    local: bool = False  # the local kernels (S = 1, one tile size)
 
     def reduce_programs(self, n: int, c: int) -> int:
-        return n * self.chunks * _cdiv(c, self.block_c)
+        return n * self.chunks * _cdiv(c, self.channels)
 
     def apply_programs(self, n: int, c: int, hw: int) -> int:
+        if self.local:
+            return self.reduce_programs(n, c)
         return n * _cdiv(hw, self.apply_block_hw) * _cdiv(c, self.block_c)
 
 
@@ -416,9 +551,19 @@ def plan(n: int, c: int, hw: int, groups: int, sms: int, rows_per_chunk: int | N
 
 @functools.lru_cache(maxsize=1024)
 def _plan(n: int, c: int, hw: int, groups: int, sms: int, rows_per_chunk: int | None, t: Tuning) -> Plan:
+    target = t.programs_per_sm * sms
+    cpg = c // groups
+    if t.local and rows_per_chunk is None and cpg <= LOCAL_MAX_C:
+        channels = min(c, max(cpg, t.local // cpg * cpg))   # whole groups
+        if n * _cdiv(c, channels) >= target:
+            block_c = _npow2(channels)
+            block_hw = max(1, min(_npow2(hw), t.tile // block_c))
+            tile = block_hw * block_c
+            num_warps = t.warps or (4 if tile >= 2048 else 2 if tile >= 512 else 1)
+            return Plan(block_c, hw, 1, block_hw, block_hw, min(_npow2(cpg), COMBINE_BLOCK), num_warps,
+                        channels, local=True)
     block_c = min(_npow2(c), t.block_c)
     cblocks = _cdiv(c, block_c)
-    target = t.programs_per_sm * sms
     if rows_per_chunk is not None:
         rows = max(1, min(rows_per_chunk, hw))
     else:
@@ -435,7 +580,7 @@ def _plan(n: int, c: int, hw: int, groups: int, sms: int, rows_per_chunk: int | 
     combine = min(_npow2(chunks * (c // groups)), COMBINE_BLOCK)
     tile = max(block_hw, apply_hw) * block_c
     num_warps = t.warps or (4 if tile >= 2048 else 2 if tile >= 512 else 1)
-    return Plan(block_c, rows, chunks, block_hw, apply_hw, combine, num_warps)
+    return Plan(block_c, rows, chunks, block_hw, apply_hw, combine, num_warps, block_c)
 
 
 @functools.lru_cache(maxsize=None)
@@ -548,6 +693,11 @@ def _fwd_call(n, c, hw, groups, eps, act, sms, rows_per_chunk) -> _Call:
     cpg, cblocks = c // groups, _cdiv(c, p.block_c)
     moff = n * p.chunks * c
     plane = -(-(moff + n * groups) // 16) * 16   # 64-byte aligned planes
+    if p.local:
+        cb = _cdiv(c, p.channels)
+        return _Call(p, plane, moff, (
+            _Step("_fwd_local", (n * cb,), (hw, c, groups, cpg, p.channels, cb, plane, moff, eps),
+                  dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=ACT_CODES[act]), p.num_warps),))
     hwb = _cdiv(hw, p.apply_block_hw)
     return _Call(p, plane, moff, (
         _Step("_fwd_stats", (n * p.chunks, cblocks), (hw, c, p.chunks, p.rows, plane),
@@ -562,6 +712,14 @@ def _bwd_call(n, c, hw, groups, act, fwd: _Call, need_dx, need_dparams) -> _Call
     p, plane, moff = fwd.plan, fwd.plane, fwd.moff
     cpg, cblocks = c // groups, _cdiv(c, p.block_c)
     code = ACT_CODES[act]
+    if p.local:   # c1, c2 in the local kernel: the combine launch only for the parameter gradients
+        cb = _cdiv(c, p.channels)
+        steps = [_Step("_bwd_local", (n * cb,), (hw, c, groups, cpg, p.channels, cb, plane, moff),
+                       dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code, NEED_DX=need_dx), p.num_warps)]
+        if need_dparams:
+            steps.append(_Step("_bwd_combine", (_cdiv(c, PARAM_BLOCK_C),), (groups, hw, c, 1, cpg, plane, moff, 0, n),
+                               dict(BLOCK=p.combine_block, PBLOCK_R=PARAM_BLOCK_R, PBLOCK_C=PARAM_BLOCK_C), 4))
+        return _Call(p, plane, moff, tuple(steps))
     steps = [_Step("_bwd_reduce", (n * p.chunks, cblocks), (hw, c, groups, cpg, p.chunks, p.rows, plane, moff),
                    dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code), p.num_warps)]
     # One launch for the groups' c1, c2 (if dx is needed) and the parameter gradients (if needed).
@@ -593,11 +751,14 @@ def _forward(x, weight, bias, groups, eps, act, residual, rows_per_chunk):
         call = _calls[key] = _fwd_call(N, C, H * W, groups, eps, act, _sm_count(x.device), rows_per_chunk)
     stats = torch.empty((2, call.plane), device=x.device, dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    stats_step, combine_step, apply_step = call.steps
     launch = _launcher(call)
-    launch(stats_step, x, stats)
-    launch(combine_step, stats)
-    launch(apply_step, x, y, x if residual is None else residual, stats, weight, bias)
+    if call.plan.local:
+        launch(call.steps[0], x, y, x if residual is None else residual, stats, weight, bias)
+    else:
+        stats_step, combine_step, apply_step = call.steps
+        launch(stats_step, x, stats)
+        launch(combine_step, stats)
+        launch(apply_step, x, y, x if residual is None else residual, stats, weight, bias)
     launch.done()
     return y, stats, call, key
 
@@ -620,15 +781,18 @@ def _backward(dy, x, y, weight, bias, stats, groups, act, fwd: _Call, fwd_key, n
     dr = torch.empty_like(x, memory_format=torch.channels_last) if residual else None
     dgamma = torch.empty_like(weight) if need_dparams else None
     dbeta = torch.empty_like(bias) if need_dparams else None
+    dx = torch.empty_like(x, memory_format=torch.channels_last) if need_dx else None
     steps = iter(call.steps)
     launch = _launcher(call)
-    launch(next(steps), x, dy, y if residual else x, dr if residual else x, stats, weight, bias, part)
-    if need_dx or need_dparams:   # (weight, bias: placeholders for the gradients not asked for)
-        launch(next(steps), part, stats, weight, dgamma if need_dparams else weight,
-               dbeta if need_dparams else bias)
-    dx = None
-    if need_dx:
-        dx = torch.empty_like(x, memory_format=torch.channels_last)
+    if call.plan.local:
+        launch(next(steps), x, dy, y if residual else x, dr if residual else x, dx if need_dx else x,
+               stats, weight, bias, part)
+    else:
+        launch(next(steps), x, dy, y if residual else x, dr if residual else x, stats, weight, bias, part)
+    if need_dparams or (need_dx and not call.plan.local):   # (weight, bias: placeholders for the
+        launch(next(steps), part, stats, weight, dgamma if need_dparams else weight,   # gradients not
+               dbeta if need_dparams else bias)                                         # asked for)
+    if need_dx and not call.plan.local:
         # With the residual epilogue, dr is the masked dy: read it instead of dy and y.
         launch(next(steps), x, dr if residual else dy, dx, stats, part, weight, bias)
     launch.done()

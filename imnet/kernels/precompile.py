@@ -38,6 +38,7 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ACTS = {"plain": None, "relu": "relu", "residual": "residual_relu"}
 KERNELS = ("_fwd_stats", "_fwd_combine", "_fwd_apply", "_bwd_reduce", "_bwd_combine", "_bwd_apply")
+LOCAL_KERNELS = ("_fwd_local", "_bwd_local")   # launched only with IMNET_GN_TUNE=local=...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,10 +229,11 @@ def main(argv=None) -> int:
           f"{time.perf_counter() - t0:.0f} s with {a.jobs} processes, triton {triton.__version__}, cache {cache}"
           + (f", IMNET_GN_TUNE={gnk.tuning()}" if str(gnk.tuning()) else ""))
     if a.report:
-        for name in KERNELS:
+        for name in KERNELS + LOCAL_KERNELS:
             mine = [r for r in results if r[0] == name]
-            print(f"  {name}: {len(mine)} variants, registers {min(r[3] for r in mine)}-{max(r[3] for r in mine)}, "
-                  f"spill bytes {max(r[4] for r in mine)}")
+            if mine:
+                print(f"  {name}: {len(mine)} variants, registers {min(r[3] for r in mine)}-{max(r[3] for r in mine)}, "
+                      f"spill bytes {max(r[4] for r in mine)}")
     return 0
 
 
