@@ -16,9 +16,10 @@ def append_rows(marker: str, rows: list[str]) -> None:
         f.write(text.replace(marker, marker + "\n" + "\n".join(rows), 1))
 
 
-def gpu_head(with_tuning: bool = True) -> str:
+def gpu_head(with_tuning: bool = True, tune: str | None = None) -> str:
     """"date | GPU | torch .., triton ..": a GPU row's first three cells, with the GroupNorm launch
-    plan's IMNET_GN_TUNE appended to the versions when it is not the defaults (and with_tuning)."""
+    plan's IMNET_GN_TUNE (`tune`, or the one in use) appended to the versions when it is not the
+    defaults (and with_tuning)."""
     import datetime
 
     import torch
@@ -26,6 +27,7 @@ def gpu_head(with_tuning: bool = True) -> str:
 
     from imnet.kernels.group_norm import tuning
 
-    tune = f", IMNET_GN_TUNE={tuning()}" if with_tuning and str(tuning()) else ""
+    tune = str(tuning()) if tune is None else tune
+    tune = f", IMNET_GN_TUNE={tune}" if with_tuning and tune else ""
     return (f"{datetime.date.today()} | {torch.cuda.get_device_name()} | torch {torch.__version__}, "
             f"triton {triton.__version__}{tune}")

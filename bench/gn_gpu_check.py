@@ -10,7 +10,8 @@ Also the spatial split forced to 7-row chunks at batch 2, and ChannelsLastGroupN
 autocast, and torch.compile's path (the custom ops) against eager. Each case runs twice, on
 different data: the first call compiles and records the kernels, the checked second one starts the
 recorded kernels directly, the path of every later training step. Prints one table row per case
-and exits 1 on any mismatch (2 without a GPU).
+and exits 1 on any mismatch (2 without a GPU). The launch plan is IMNET_GN_TUNE's (e.g. local=16:
+the chunks column says "local" where the local kernels ran).
 
 ReLU ties: with ReLU, dy is set to 0 where the float64 pre-activation is within 1e-5 * its max of
 0 (reference.relu_ties): there float32 rounding decides relu'(v), and at 32 images a few such
@@ -77,7 +78,8 @@ def check(n, c, h, w, dtype, epilogue, gen, rows_per_chunk=None, groups=32) -> d
         if not e <= bound:
             problems.append(f"{name} {e:.1e} > {bound:.0e}")
     p = gnk.plan(n, c, h * w, groups, gnk._sm_count(x.device), rows_per_chunk)
-    return {"errs": errs, "problems": problems, "chunks": p.chunks, "ties": ties, "raw_dx": raw_dx}
+    return {"errs": errs, "problems": problems, "chunks": "local" if p.local else p.chunks, "ties": ties,
+            "raw_dx": raw_dx}
 
 
 def check_module_under_autocast(gen, dev="cuda") -> list[str]:

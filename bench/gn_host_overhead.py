@@ -18,7 +18,8 @@ Each layer is the modules the model calls (forward, then torch.autograd.grad for
   native  nn.GroupNorm(32) then nn.ReLU(inplace=True) (2 kernels + 2 for backward on a GPU)
   imnet   ChannelsLastGroupNorm(32, act="relu"): the module's dispatch (kernel_applies takes its CPU
           branch here, the environment read replaced by True), the autograd Function, 3 Triton
-          launches forward, 2 or 3 backward (the combine launch also sums dgamma, dbeta)
+          launches forward, 2 or 3 backward (the combine launch also sums dgamma, dbeta); with
+          IMNET_GN_TUNE=local=16 (this tiny layer then takes the local kernels) 1 forward, 2 backward
 
 Median over `--repeats` alternating runs of `--iters` layers each, one thread. --write appends the
 row to BENCHMARKS.md below `<!-- gn_host_overhead rows -->`.
@@ -83,8 +84,12 @@ def main() -> int:
                 f()
             times[name].append((time.perf_counter() - t0) / a.iters * 1e6)
     us = {k: statistics.median(v) for k, v in times.items()}
+    from imnet.kernels.group_norm import plan, tuning
+
+    tune = f", IMNET_GN_TUNE={tuning()} ({'local kernels' if plan(1, 64, 4, 32, 1).local else 'split plan'})" \
+        if str(tuning()) else ""
     row = (f"| {datetime.date.today()}, CPU {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}, "
-           f"triton {triton.__version__}, median of {a.repeats} x {a.iters} | {us['bn']:.0f} | {us['native']:.0f} | "
+           f"triton {triton.__version__}{tune}, median of {a.repeats} x {a.iters} | {us['bn']:.0f} | {us['native']:.0f} | "
            f"{us['imnet']:.0f} | {us['imnet'] / us['native']:.2f}x | {us['imnet'] / us['bn']:.2f}x | "
            f"{53 * (us['imnet'] - us['bn']) / 1e3:.1f} |")
     print("| setup | bn us/layer | native us/layer | imnet us/layer | imnet/native | imnet/bn "

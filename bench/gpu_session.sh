@@ -10,19 +10,22 @@
 #      (otherwise the steps below compile hundreds of them one by one); after each step the log says
 #      how many kernels the cache holds (a step that adds many missed it)
 #   3. gn_gpu_check: the kernels against float64 on the GPU (exit 1 on a mismatch)
-#   4. norm_kernels_graph: bench/norm_kernels.py --cuda-graph --batches 256 32 2 --write, the GPU
-#      time of each norm layer (BN, native GN, imnet GN) and imnet's share of copy bandwidth
-#   5. rn50_throughput: ResNet-50 training img/s at 256 and 32 images, BN vs native GN vs imnet GN
-#   6. rn50_cuda_graph: the same at 32 images with each step replayed as a CUDA graph (no host
-#      overhead): host-bound or GPU-bound at 32 images?
-#   7. norm_kernels_graph_residual: 4 with the residual-add + ReLU epilogue
-#   8. gn_tune: bench/gn_tune.py, the launch-plan knobs against the defaults (IMNET_GN_TUNE)
-#   9. norm_kernels_compile: eager steps with torch.compile'd GN too, if time is left
+#   4. rn50_throughput: ResNet-50 training img/s at 256 and 32 images, BN vs native GN vs imnet GN
+#   5. precompile_local, gn_gpu_check_local: the same for the local kernels (IMNET_GN_TUNE=local=16),
+#      at 256 images, where every layer takes them
+#   6. norm_kernels_graph: bench/norm_kernels.py --cuda-graph --batches 256 32 2 --tune local=16
+#      --write, the GPU time of each norm layer (BN, native GN, imnet GN with the default and the
+#      local plan) and imnet's share of copy bandwidth
+#   7. rn50_local: 4 with IMNET_GN_TUNE=local=16
+#   8. rn50_cuda_graph: 4 at 32 images with each step replayed as a CUDA graph (no host overhead)
+#   9. norm_kernels_graph_residual: 6 with the residual-add + ReLU epilogue
+#  10. gn_tune: bench/gn_tune.py, the launch-plan knobs against the defaults (IMNET_GN_TUNE)
+#  11. norm_kernels_compile: eager steps with torch.compile'd GN too, if time is left
 #
 # STEPS (names above, space-separated) runs only those. Every step's output is appended to
 # $OUT/session.log; BENCHMARKS.md with the new rows is copied to $OUT/BENCHMARKS.md at the end (the
 # rows are under the markers). A step that would start with under 20 s left is skipped and says so.
-# Exit status: that of the correctness check.
+# Exit status: that of the correctness checks (the first that failed; 2 without a GPU).
 set -u
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
@@ -65,10 +68,16 @@ step precompile 100 $PY -m imnet.kernels.precompile --batches 2 32 --jobs "$(npr
 step precompile_256 60 $PY -m imnet.kernels.precompile --batches 256 --dtypes bf16 --jobs "$(nproc)"
 step gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32
 check_rc=$?
-step norm_kernels_graph 120 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --write
 step rn50_throughput 170 $PY bench/rn50_throughput.py --batches 256 32 --write
+LOCAL=(env IMNET_GN_TUNE=local=16)
+step precompile_local 60 "${LOCAL[@]}" $PY -m imnet.kernels.precompile --batches 32 256 --dtypes bf16 --jobs "$(nproc)"
+step gn_gpu_check_local 90 "${LOCAL[@]}" $PY bench/gn_gpu_check.py --batches 256 --dtypes bf16
+rc=$?
+[ "$check_rc" -eq 0 ] && [ "$rc" -ne 99 ] && check_rc=$rc
+step norm_kernels_graph 150 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --tune local=16 --write
+step rn50_local 120 "${LOCAL[@]}" $PY bench/rn50_throughput.py --batches 256 32 --write
 step rn50_cuda_graph 90 $PY bench/rn50_throughput.py --batches 32 --cuda-graph --write
-step norm_kernels_graph_residual 90 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --epilogue residual --write
+step norm_kernels_graph_residual 90 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --epilogue residual --tune local=16 --write
 step gn_tune 150 $PY bench/gn_tune.py --batches 32 256 --budget 100 --jobs "$(nproc)" --write
 step norm_kernels_compile 300 $PY bench/norm_kernels.py --batches 32 --write
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"

@@ -1,7 +1,8 @@
 """Forward + backward time of one norm layer: BN, native GN, torch.compile'd GN and imnet's GN.
 
     python bench/norm_kernels.py [--batches 32 2] [--epilogue none|relu|residual] [--iters 50]
-                                 [--repeats 5] [--methods bn gn gn_compile imnet] [--cuda-graph] [--write]
+                                 [--repeats 5] [--methods bn gn gn_compile imnet] [--cuda-graph]
+                                 [--tune local=16 ...] [--write]
 
 Every distinct ResNet-50 norm input shape (C, H, W at 224x224), channels-last bf16 activations with
 float32 parameters under bf16 autocast (as in training: native GN then runs in float32, which is
@@ -16,6 +17,10 @@ CUDA graph per method and times its replays, the GPU's time alone.
   gn         nn.GroupNorm(32, C) (torch's kernel)
   gn_compile torch.compile(nn.GroupNorm(32, C)) (Inductor's generated kernels)
   imnet      imnet.kernels.ChannelsLastGroupNorm(32, C) (the Triton kernels)
+
+--tune (with --cuda-graph) adds imnet under other launch plans (IMNET_GN_TUNE strings) to the same
+repeats: each one's steps are captured under its plan, and it gets a row of its own (its plan in
+the versions column; bn, gn as measured alongside).
 
 --epilogue relu times norm + ReLU (in place after bn/gn/gn_compile, fused in imnet); residual times
 relu(norm(x) + r) (gradient for r too), the end of a bottleneck block: whether fusing pays.
@@ -110,11 +115,24 @@ def graphed(step, iters: int):
     return graph.replay
 
 
-def time_methods(steps: dict, iters: int, repeats: int, cuda_graph: bool) -> dict[str, float]:
-    """Seconds per step of each method: eager steps, or `iters` steps captured as one CUDA graph."""
+def time_methods(steps: dict, iters: int, repeats: int, cuda_graph: bool, tunes: dict | None = None) -> dict[str, float]:
+    """Seconds per step of each method: eager steps, or `iters` steps captured as one CUDA graph;
+    `tunes` {method: IMNET_GN_TUNE string}: the launch plan to capture that method's steps under."""
     if not cuda_graph:
         return time_steps(steps, iters, repeats)
-    graphs = {m: graphed(step, iters) for m, step in steps.items()}
+    from imnet.kernels import group_norm as gnk
+
+    graphs = {}
+    for m, step in steps.items():
+        if m not in (tunes or {}):
+            graphs[m] = graphed(step, iters)
+            continue
+        saved = gnk.tuning()
+        gnk.set_tuning(gnk.parse_tuning(tunes[m]))
+        try:
+            graphs[m] = graphed(step, iters)
+        finally:
+            gnk.set_tuning(saved)
     return {m: v / iters for m, v in time_steps(graphs, 1, repeats, warmup=2).items()}
 
 
@@ -147,10 +165,21 @@ def main() -> int:
     p.add_argument("--cuda-graph", action="store_true",
                    help="time `--iters` steps captured as one CUDA graph: the GPU's time without the host's "
                         "(eager steps of small layers measure Python and launch overhead)")
+    p.add_argument("--tune", nargs="+", default=[], metavar="IMNET_GN_TUNE",
+                   help="with --cuda-graph: imnet under these launch plans too, a row each (e.g. local=16)")
     p.add_argument("--write", action="store_true", help=f"append the rows to BENCHMARKS.md below {MARKER}")
     args = p.parse_args()
     if args.cuda_graph and "gn_compile" in args.methods:
         p.error("--cuda-graph times bn, gn and imnet (leave out gn_compile)")
+    if args.tune and not args.cuda_graph:
+        p.error("--tune needs --cuda-graph (eager steps would replan at every call)")
+    from imnet.kernels import group_norm as gnk
+
+    for text in args.tune:
+        try:
+            gnk.parse_tuning(text)
+        except ValueError as e:
+            p.error(str(e))
     if not {"bn", "imnet"} <= set(args.methods):
         p.error("--methods must include bn and imnet (the ratios)")
     if not torch.cuda.is_available():
@@ -161,7 +190,10 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
-    head = f"{gpu_head()} | {args.epilogue}{' (CUDA graph)' if args.cuda_graph else ''}"
+    def head_for(tune=None):
+        return f"{gpu_head(tune=tune)} | {args.epilogue}{' (CUDA graph)' if args.cuda_graph else ''}"
+
+    head = head_for()
     print(f"# copy bandwidth {bw / 1e9:.0f} GB/s on {gpu}")
     print("| date | GPU | versions | epilogue | N | C | HxW | layers | bn ms | gn ms | gn_compile ms | imnet ms "
           "| imnet GB/s | imnet % copy BW | imnet / bn time |")
@@ -180,13 +212,17 @@ def main() -> int:
                 r = r.contiguous(memory_format=cl).requires_grad_()
             torch._dynamo.reset()  # a fresh compile per shape (the cache is per code object, 8 entries)
             steps = {m: make_step(m, c, args.epilogue, x, r, dy) for m in METHODS if m in args.methods}
-            t = time_methods(steps, args.iters, args.repeats, args.cuda_graph)
+            tunes = {f"imnet[{text}]": text for text in args.tune}
+            steps.update({m: make_step("imnet", c, args.epilogue, x, r, dy) for m in tunes})
+            t = time_methods(steps, args.iters, args.repeats, args.cuda_graph, tunes)
             tensors = 5 + (2 if args.epilogue == "residual" else 0)
-            gbs = tensors * x.numel() * x.element_size() / t["imnet"]
-            row = (f"| {head} | {n} | {c} | {h}x{w} | {count} | " + " | ".join(f"{t[m] * 1e3:.3f}" if m in t else "-" for m in METHODS)
-                   + f" | {gbs / 1e9:.0f} | {100 * gbs / bw:.0f} % | {t['imnet'] / t['bn']:.2f} |")
-            print(row, flush=True)
-            rows.append(row)
+            for m, head_m in [("imnet", head)] + [(m, head_for(text)) for m, text in tunes.items()]:
+                gbs = tensors * x.numel() * x.element_size() / t[m]
+                row = (f"| {head_m} | {n} | {c} | {h}x{w} | {count} | "
+                       + " | ".join(f"{t[k if k != 'imnet' else m] * 1e3:.3f}" if k in t else "-" for k in METHODS)
+                       + f" | {gbs / 1e9:.0f} | {100 * gbs / bw:.0f} % | {t[m] / t['bn']:.2f} |")
+                print(row, flush=True)
+                rows.append(row)
     if args.write:
         append_rows(MARKER, rows)
     return 0

@@ -15,8 +15,9 @@ import torch
 from conftest import ROOT
 
 SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py") and f != "benchmarks_md.py")
-STEPS = ("env", "precompile", "precompile_256", "gn_gpu_check", "norm_kernels_graph", "rn50_throughput",
-         "rn50_cuda_graph", "norm_kernels_graph_residual", "gn_tune", "norm_kernels_compile")
+STEPS = ("env", "precompile", "precompile_256", "gn_gpu_check", "rn50_throughput", "precompile_local",
+         "gn_gpu_check_local", "norm_kernels_graph", "rn50_local", "rn50_cuda_graph", "norm_kernels_graph_residual",
+         "gn_tune", "norm_kernels_compile")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -37,9 +38,10 @@ def test_gpu_session_runs_every_step_without_a_gpu(tmp_path):
     for step in STEPS:
         assert f"== {step}: exit " in log, (step, log)
     assert "unrecognized arguments" not in log and "invalid choice" not in log, log
-    # gn_gpu_check, gn_tune, 2 x rn50_throughput, 3 x norm_kernels: all parse their options
-    assert log.count("needs a CUDA GPU") == 7
-    assert log.count("give the target's --arch and --sms") == 2  # precompile without a GPU, twice
+    # 2 x gn_gpu_check, gn_tune, 3 x rn50_throughput, 3 x norm_kernels: all parse their options
+    assert log.count("needs a CUDA GPU") == 9
+    assert log.count("give the target's --arch and --sms") == 3  # precompile without a GPU, 3 times
+    assert [line.split(":")[0][3:] for line in log.splitlines() if " exit " in line] == list(STEPS)
     assert sorted(os.listdir(tmp_path)) == ["BENCHMARKS.md", "session.log"]
     assert (tmp_path / "BENCHMARKS.md").read_text() == before  # nothing measured, nothing written
 
@@ -88,3 +90,27 @@ def test_gn_tune_rounds_budget_and_failures(capsys):
     assert calls == ["", "programs_per_sm=2"] and "not run, the time budget is spent" in capsys.readouterr().out
     # only one configuration beat the defaults: no merge
     assert gn_tune.merge(["block_c=64", "block_c=32"]) == "block_c=64"  # a conflict: the first one wins
+
+
+def test_norm_kernels_captures_each_tuned_variant_under_its_own_plan(monkeypatch):
+    """--tune: each extra imnet variant's steps are captured (CUDA graph) under its launch plan, the
+    others under the plan in use, which is back in place afterwards."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import norm_kernels
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    from imnet.kernels import group_norm as gnk
+
+    captured = {}
+
+    def graphed(step, iters):
+        captured[step] = str(gnk.tuning())
+        return step
+
+    monkeypatch.setattr(norm_kernels, "graphed", graphed)
+    monkeypatch.setattr(norm_kernels, "time_steps", lambda graphs, iters, repeats, warmup: {m: 1.0 for m in graphs})
+    steps = {"bn": "bn step", "imnet": "imnet step", "imnet[local=16]": "local step"}
+    t = norm_kernels.time_methods(steps, 4, 1, True, {"imnet[local=16]": "local=16"})
+    assert captured == {"bn step": "", "imnet step": "", "local step": "local=16"}
+    assert t == {m: 0.25 for m in steps} and gnk.tuning() == gnk.Tuning()

@@ -49,8 +49,9 @@ fill the GPU (large N), one program per (sample, block of whole groups, e.g. 16 
            its groups, then dx over the same rows in reverse; + _bwd_combine's parameter programs
            for dgamma, dbeta (not needed: 1 launch). 2 launches.
 Still two reads of x (and dy) per program, but the second follows the first within the program:
-with narrow blocks the data of the programs resident at once (132 SMs x ~3 x 16 channels x HW rows)
-fits in L2, so DRAM may see the minimal 2 and 3 passes. Whether it does is what bench/gn_tune.py and
+with narrow blocks the data of the programs resident at once can fit in L2 (a 56x56 layer at 16
+channels: 132 SMs x 3 programs x 100 KB = 40 MB; an H100 has 50 MB; the 112x112 stem needs 4x), so
+DRAM may see the minimal 2 and 3 passes. Whether it does is what bench/gn_tune.py and
 bench/norm_kernels.py --tune measure on a GPU.
 
 Launch plan (plan()): BLOCK_C = min(C, 128) channels per program; tiles of 4096 elements (rows x
