@@ -70,14 +70,15 @@ compiled model keeps its norms in one graph (tests/test_gn_kernels.py: no graph 
 equal to eager's).
 
 Interpreter: `triton.jit` picks the CPU interpreter or the compiler when it decorates a function,
-from TRITON_INTERPRET at that moment. The kernels below are plain functions decorated on first use,
-once per mode (`_jit()`), so what TRITON_INTERPRET says when the kernel runs decides, whatever
-was imported before.
+from TRITON_INTERPRET at that moment. The kernels below and the helpers they call are plain
+functions decorated on first use, once per mode (`_jit()`), so what TRITON_INTERPRET says when the
+kernel runs decides, whatever was imported before.
 """
 
 import dataclasses
 import functools
 import os
+import types
 from typing import Optional
 
 import torch
@@ -96,9 +97,9 @@ LOCAL_MAX_C = 64   # most channels (lanes) per program of the local kernels
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels (plain functions: see "Interpreter" above).
+# Kernels and their helpers (plain functions: see "Interpreter" above).
 #
-# They use only Triton builtins. tl.sum and tl.zeros are themselves @triton.jit functions, decorated
+# Besides each other (the helpers), they use only Triton builtins. tl.sum and tl.zeros are themselves @triton.jit functions, decorated
 # when triton is imported, so under the interpreter they fail ("Cannot call @triton.jit'd outside
 # of the scope of a kernel") unless TRITON_INTERPRET was already set when triton was first imported,
 # which a test process cannot promise. tl.reduce(x, 0, _sum_combine) is what tl.sum does for floats,
@@ -107,24 +108,48 @@ LOCAL_MAX_C = 64   # most channels (lanes) per program of the local kernels
 
 _sum_combine = tl.standard._sum_combine
 
-def _fwd_stats(X, PART, HW, C, S, R, PLANE,
-               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)                      # n * S + s
-    n = pid // S
-    s = pid % S
+
+# Helpers the kernels call (decorated like them, see _jit; Triton inlines them).
+
+def _chunk_program(S, C, BLOCK_C: tl.constexpr):
+    # A reduction program of grid (N*S, C/BLOCK_C): its id n*S + s, sample n, chunk s, channels.
+    pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid, pid // S, pid % S, cols, cols < C
+
+
+def _apply_program(HW, C, HWB, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # An apply program of grid (N*HWB, C/BLOCK_C), its tile: sample, channels, masks, offsets. The
+    # programs run in reverse order of the reduction's: the data read last, likeliest still in L2,
+    # is read first.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    n = pid // HWB
+    rows = (pid % HWB) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    cols = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    r0 = s * R
-    r1 = tl.minimum(r0 + R, HW)
-    base = X + n.to(tl.int64) * HW * C
+    mask = (rows < HW)[:, None] & cmask[None, :]
+    return n, cols, cmask, mask, n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
+
+
+def _group_stats(STATS, W, B, n, G, CPG, cols, cmask, PLANE, MOFF):
+    # Per channel lane: its group's mean and rstd (saved by the forward), gamma and beta, float32.
+    grp = STATS + MOFF + n * G + cols // CPG
+    return (tl.load(grp, mask=cmask, other=0.0), tl.load(grp + PLANE, mask=cmask, other=0.0),
+            tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32))
+
+
+def _moments(X, base, C, cols, cmask, r0, r1, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Per-channel (mean, M2) of rows [r0, r1) of the sample at X + base: within a tile two passes in
+    # registers (mean, then squared deviations from it), tiles merged with Chan et al.'s formula.
     mean = tl.full([BLOCK_C], 0.0, tl.float32)
     m2 = tl.full([BLOCK_C], 0.0, tl.float32)
     for t in range(r0, r1, BLOCK_HW):
         rows = t + tl.arange(0, BLOCK_HW)
         mask = (rows < r1)[:, None] & cmask[None, :]
-        x = tl.load(base + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + base + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         nb = tl.minimum(r1 - t, BLOCK_HW).to(tl.float32)   # rows in this tile
-        na = (t - r0).to(tl.float32)                        # rows merged so far (full tiles)
+        na = (t - r0) * 1.0                                 # rows merged so far (full tiles)
         mb = tl.reduce(x, 0, _sum_combine) / nb
         d = tl.where(mask, x - mb[None, :], 0.0)
         m2b = tl.reduce(d * d, 0, _sum_combine)
@@ -132,6 +157,58 @@ def _fwd_stats(X, PART, HW, C, S, R, PLANE,
         w = nb / (na + nb)
         mean += delta * w
         m2 += m2b + delta * delta * (na * w)
+    return mean, m2
+
+
+def _normalized(x, RES, off, mask, mean, a, beta, ACT: tl.constexpr):
+    # The forward's output tile (float32) from the x tile: norm, affine, epilogue.
+    v = (x - mean[None, :]) * a[None, :] + beta[None, :]
+    if ACT == 2:
+        v += tl.load(RES + off, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        v = tl.maximum(v, 0.0)
+    return v
+
+
+def _masked_dy(x, dy, Y, off, mask, mean, a, beta, ACT: tl.constexpr):
+    # dy where the epilogue's ReLU passed the gradient: ReLU recomputes the forward's v from x (same
+    # expression as _normalized), residual + ReLU reads the output y.
+    if ACT == 1:
+        v = (x - mean[None, :]) * a[None, :] + beta[None, :]
+        dy = tl.where(v > 0.0, dy, 0.0)
+    if ACT == 2:
+        y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.where(y > 0.0, dy, 0.0)
+    return dy
+
+
+def _dy_sums(X, DY, Y, DR, base, C, cols, cmask, r0, r1, mean, rstd, a, beta,
+             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
+    # Per-channel sum(dy) and sum(dy * xhat) over rows [r0, r1), dy masked by the epilogue (and, for
+    # residual + ReLU, stored: it is the residual's gradient).
+    sdy = tl.full([BLOCK_C], 0.0, tl.float32)
+    sdyx = tl.full([BLOCK_C], 0.0, tl.float32)
+    for t in range(r0, r1, BLOCK_HW):
+        rows = t + tl.arange(0, BLOCK_HW)
+        mask = (rows < r1)[:, None] & cmask[None, :]
+        off = base + rows[:, None] * C + cols[None, :]
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        dy = _masked_dy(x, tl.load(DY + off, mask=mask, other=0.0).to(tl.float32), Y, off, mask, mean, a, beta, ACT)
+        if ACT == 2:
+            tl.store(DR + off, dy.to(DR.dtype.element_ty), mask=mask)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        sdy += tl.reduce(dy, 0, _sum_combine)
+        sdyx += tl.reduce(dy * xhat, 0, _sum_combine)
+    return sdy, sdyx
+
+
+# Kernels.
+
+def _fwd_stats(X, PART, HW, C, S, R, PLANE,
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid, n, s, cols, cmask = _chunk_program(S, C, BLOCK_C)
+    r0 = s * R
+    mean, m2 = _moments(X, n.to(tl.int64) * HW * C, C, cols, cmask, r0, tl.minimum(r0 + R, HW), BLOCK_HW, BLOCK_C)
     out = PART + pid.to(tl.int64) * C + cols    # partial (n*S + s, c): plane 0 mean, plane 1 M2
     tl.store(out, mean, mask=cmask)
     tl.store(out + PLANE, m2, mask=cmask)
@@ -172,62 +249,20 @@ def _fwd_combine(PART, G, HW, C, S, R, CPG, PLANE, MOFF, eps,
 
 def _fwd_apply(X, Y, RES, STATS, W, B, HW, C, G, CPG, HWB, PLANE, MOFF,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
-    # Programs run in reverse order of _fwd_stats's: the data it read last, likeliest still in L2,
-    # is read first.
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    n = pid // HWB
-    rows = (pid % HWB) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    cols = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mask = (rows < HW)[:, None] & cmask[None, :]
-    grp = STATS + MOFF + n * G + cols // CPG
-    mean = tl.load(grp, mask=cmask, other=0.0)
-    a = tl.load(grp + PLANE, mask=cmask, other=0.0) * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-    off = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
-    x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-    v = (x - mean[None, :]) * a[None, :] + beta[None, :]
-    if ACT == 2:
-        v += tl.load(RES + off, mask=mask, other=0.0).to(tl.float32)
-    if ACT != 0:
-        v = tl.maximum(v, 0.0)
+    n, cols, cmask, mask, off = _apply_program(HW, C, HWB, BLOCK_HW, BLOCK_C)
+    mean, rstd, gamma, beta = _group_stats(STATS, W, B, n, G, CPG, cols, cmask, PLANE, MOFF)
+    v = _normalized(tl.load(X + off, mask=mask, other=0.0).to(tl.float32), RES, off, mask, mean, rstd * gamma, beta,
+                    ACT)
     tl.store(Y + off, v.to(Y.dtype.element_ty), mask=mask)
 
 
 def _bwd_reduce(X, DY, Y, DR, STATS, W, B, PART, HW, C, G, CPG, S, R, PLANE, MOFF,
                 BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
-    pid = tl.program_id(0)                      # n * S + s
-    n = pid // S
-    s = pid % S
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    pid, n, s, cols, cmask = _chunk_program(S, C, BLOCK_C)
     r0 = s * R
-    r1 = tl.minimum(r0 + R, HW)
-    grp = STATS + MOFF + n * G + cols // CPG
-    mean = tl.load(grp, mask=cmask, other=0.0)
-    rstd = tl.load(grp + PLANE, mask=cmask, other=0.0)
-    if ACT == 1:
-        a = rstd * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-        beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-    base = n.to(tl.int64) * HW * C
-    sdy = tl.full([BLOCK_C], 0.0, tl.float32)
-    sdyx = tl.full([BLOCK_C], 0.0, tl.float32)
-    for t in range(r0, r1, BLOCK_HW):
-        rows = t + tl.arange(0, BLOCK_HW)
-        mask = (rows < r1)[:, None] & cmask[None, :]
-        off = base + rows[:, None] * C + cols[None, :]
-        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
-        if ACT == 1:  # the forward's v, same expression: relu passed the gradient where v > 0
-            v = (x - mean[None, :]) * a[None, :] + beta[None, :]
-            dy = tl.where(v > 0.0, dy, 0.0)
-        if ACT == 2:
-            y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.where(y > 0.0, dy, 0.0)
-            tl.store(DR + off, dy.to(DR.dtype.element_ty), mask=mask)
-        xhat = (x - mean[None, :]) * rstd[None, :]
-        sdy += tl.reduce(dy, 0, _sum_combine)
-        sdyx += tl.reduce(dy * xhat, 0, _sum_combine)
+    mean, rstd, gamma, beta = _group_stats(STATS, W, B, n, G, CPG, cols, cmask, PLANE, MOFF)
+    sdy, sdyx = _dy_sums(X, DY, Y, DR, n.to(tl.int64) * HW * C, C, cols, cmask, r0, tl.minimum(r0 + R, HW),
+                         mean, rstd, rstd * gamma, beta, BLOCK_HW, BLOCK_C, ACT)
     out = PART + pid.to(tl.int64) * C + cols    # plane 0 sum(dy), plane 1 sum(dy*xhat)
     tl.store(out, sdy, mask=cmask)
     tl.store(out + PLANE, sdyx, mask=cmask)
@@ -272,25 +307,14 @@ def _bwd_combine(PART, STATS, W, DW, DB, G, HW, C, S, CPG, PLANE, MOFF, NG, ROWS
 
 def _bwd_apply(X, DY, DX, STATS, PART, W, B, HW, C, G, CPG, HWB, PLANE, MOFF,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)   # reverse order, see _fwd_apply
-    n = pid // HWB
-    rows = (pid % HWB) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    cols = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mask = (rows < HW)[:, None] & cmask[None, :]
-    grp = STATS + MOFF + n * G + cols // CPG
-    mean = tl.load(grp, mask=cmask, other=0.0)
-    a = tl.load(grp + PLANE, mask=cmask, other=0.0) * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    n, cols, cmask, mask, off = _apply_program(HW, C, HWB, BLOCK_HW, BLOCK_C)
+    mean, rstd, gamma, beta = _group_stats(STATS, W, B, n, G, CPG, cols, cmask, PLANE, MOFF)
+    a = rstd * gamma
     cgrp = PART + MOFF + n * G + cols // CPG
     c1 = tl.load(cgrp, mask=cmask, other=0.0)
     c2 = tl.load(cgrp + PLANE, mask=cmask, other=0.0)
-    off = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
     x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 1:
-        beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-        v = (x - mean[None, :]) * a[None, :] + beta[None, :]
-        dy = tl.where(v > 0.0, dy, 0.0)
+    dy = _masked_dy(x, tl.load(DY + off, mask=mask, other=0.0).to(tl.float32), DY, off, mask, mean, a, beta, ACT)
     dx = a[None, :] * dy - c1[None, :] - c2[None, :] * (x - mean[None, :])
     tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -309,21 +333,7 @@ def _fwd_local(X, Y, RES, STATS, W, B, HW, C, G, CPG, GC, CB, PLANE, MOFF, eps,
     cols = (pid % CB) * GC + lane
     cmask = (lane < GC) & (cols < C)
     base = n.to(tl.int64) * HW * C
-    mean = tl.full([BLOCK_C], 0.0, tl.float32)
-    m2 = tl.full([BLOCK_C], 0.0, tl.float32)
-    for t in range(0, HW, BLOCK_HW):            # per-channel (mean, M2): as _fwd_stats, one chunk
-        rows = t + tl.arange(0, BLOCK_HW)
-        mask = (rows < HW)[:, None] & cmask[None, :]
-        x = tl.load(X + base + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        nb = tl.minimum(HW - t, BLOCK_HW).to(tl.float32)
-        na = t * 1.0                            # rows merged so far
-        mb = tl.reduce(x, 0, _sum_combine) / nb
-        d = tl.where(mask, x - mb[None, :], 0.0)
-        m2b = tl.reduce(d * d, 0, _sum_combine)
-        delta = mb - mean
-        w = nb / (na + nb)
-        mean += delta * w
-        m2 += m2b + delta * delta * (na * w)
+    mean, m2 = _moments(X, base, C, cols, cmask, 0, HW, BLOCK_HW, BLOCK_C)   # per channel, all rows
     # The groups' (mean, M2) from their channels' (all HW rows each), broadcast back to the lanes.
     grp = cols // CPG
     same = (grp[:, None] == grp[None, :]) & cmask[None, :]
@@ -342,12 +352,7 @@ def _fwd_local(X, Y, RES, STATS, W, B, HW, C, G, CPG, GC, CB, PLANE, MOFF, eps,
         rows = (nt - 1 - i) * BLOCK_HW + tl.arange(0, BLOCK_HW)
         mask = (rows < HW)[:, None] & cmask[None, :]
         off = base + rows[:, None] * C + cols[None, :]
-        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-        v = (x - gmean[None, :]) * a[None, :] + beta[None, :]
-        if ACT == 2:
-            v += tl.load(RES + off, mask=mask, other=0.0).to(tl.float32)
-        if ACT != 0:
-            v = tl.maximum(v, 0.0)
+        v = _normalized(tl.load(X + off, mask=mask, other=0.0).to(tl.float32), RES, off, mask, gmean, a, beta, ACT)
         tl.store(Y + off, v.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -359,32 +364,10 @@ def _bwd_local(X, DY, Y, DR, DX, STATS, W, B, PART, HW, C, G, CPG, GC, CB, PLANE
     cols = (pid % CB) * GC + lane
     cmask = (lane < GC) & (cols < C)
     grp = cols // CPG
-    gstat = STATS + MOFF + n * G + grp
-    mean = tl.load(gstat, mask=cmask, other=0.0)
-    rstd = tl.load(gstat + PLANE, mask=cmask, other=0.0)
-    gamma = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    mean, rstd, gamma, beta = _group_stats(STATS, W, B, n, G, CPG, cols, cmask, PLANE, MOFF)
     a = rstd * gamma
-    if ACT == 1:
-        beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
     base = n.to(tl.int64) * HW * C
-    sdy = tl.full([BLOCK_C], 0.0, tl.float32)
-    sdyx = tl.full([BLOCK_C], 0.0, tl.float32)
-    for t in range(0, HW, BLOCK_HW):            # as _bwd_reduce, one chunk
-        rows = t + tl.arange(0, BLOCK_HW)
-        mask = (rows < HW)[:, None] & cmask[None, :]
-        off = base + rows[:, None] * C + cols[None, :]
-        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
-        if ACT == 1:
-            v = (x - mean[None, :]) * a[None, :] + beta[None, :]
-            dy = tl.where(v > 0.0, dy, 0.0)
-        if ACT == 2:
-            y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.where(y > 0.0, dy, 0.0)
-            tl.store(DR + off, dy.to(DR.dtype.element_ty), mask=mask)
-        xhat = (x - mean[None, :]) * rstd[None, :]
-        sdy += tl.reduce(dy, 0, _sum_combine)
-        sdyx += tl.reduce(dy * xhat, 0, _sum_combine)
+    sdy, sdyx = _dy_sums(X, DY, Y, DR, base, C, cols, cmask, 0, HW, mean, rstd, a, beta, BLOCK_HW, BLOCK_C, ACT)
     out = PART + n.to(tl.int64) * C + cols      # per (sample, channel), for _bwd_combine's dgamma, dbeta
     tl.store(out, sdy, mask=cmask)
     tl.store(out + PLANE, sdyx, mask=cmask)
@@ -399,15 +382,22 @@ def _bwd_local(X, DY, Y, DR, DX, STATS, W, B, PART, HW, C, G, CPG, GC, CB, PLANE
             mask = (rows < HW)[:, None] & cmask[None, :]
             off = base + rows[:, None] * C + cols[None, :]
             x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
-            if ACT == 1:
-                v = (x - mean[None, :]) * a[None, :] + beta[None, :]
-                dy = tl.where(v > 0.0, dy, 0.0)
-            if ACT == 2:   # the mask again from y (not the dr just stored: other threads wrote it)
-                y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.where(y > 0.0, dy, 0.0)
+            # (residual + ReLU: the mask again from y, not the dr just stored: other threads wrote it)
+            dy = _masked_dy(x, tl.load(DY + off, mask=mask, other=0.0).to(tl.float32), Y, off, mask, mean, a, beta,
+                            ACT)
             dx = a[None, :] * dy - c1[None, :] - c2[None, :] * (x - mean[None, :])
             tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+_HELPERS = (_chunk_program, _apply_program, _group_stats, _moments, _normalized, _masked_dy, _dy_sums)
+_KERNELS = (_fwd_stats, _fwd_combine, _fwd_apply, _bwd_reduce, _bwd_combine, _bwd_apply, _fwd_local, _bwd_local)
+
+
+def _rebound(f, scope: dict):
+    """f with `scope` as its globals (annotations kept: they mark the constexpr parameters)."""
+    g = types.FunctionType(f.__code__, scope, f.__name__, f.__defaults__, f.__closure__)
+    g.__annotations__ = dict(f.__annotations__)
+    return g
 
 
 def interpreting() -> bool:
@@ -419,11 +409,14 @@ def interpreting() -> bool:
 def _jit(interpret: bool) -> dict:
     """The kernels decorated for the interpreter or the compiler, as asked, whatever TRITON_INTERPRET
     says now (triton.jit reads it while decorating)."""
-    fns = (_fwd_stats, _fwd_combine, _fwd_apply, _bwd_reduce, _bwd_combine, _bwd_apply, _fwd_local, _bwd_local)
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
-        return {f.__name__: triton.jit(f) for f in fns}
+        # Each mode's kernels see that mode's helpers: copies of the functions whose globals are a
+        # copy of this module's, with the helpers' names bound to the decorated helpers.
+        scope = dict(globals())
+        scope.update({f.__name__: triton.jit(_rebound(f, scope)) for f in _HELPERS})
+        return {f.__name__: triton.jit(_rebound(f, scope)) for f in _KERNELS}
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]
