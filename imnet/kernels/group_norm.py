@@ -99,10 +99,10 @@ LOCAL_MAX_C = 64   # most channels (lanes) per program of the local kernels
 # ---------------------------------------------------------------------------------------------
 # Kernels and their helpers (plain functions: see "Interpreter" above).
 #
-# Besides each other (the helpers), they use only Triton builtins. tl.sum and tl.zeros are themselves @triton.jit functions, decorated
-# when triton is imported, so under the interpreter they fail ("Cannot call @triton.jit'd outside
-# of the scope of a kernel") unless TRITON_INTERPRET was already set when triton was first imported,
-# which a test process cannot promise. tl.reduce(x, 0, _sum_combine) is what tl.sum does for floats,
+# Besides the helpers below, they use only Triton builtins. tl.sum and tl.zeros are themselves
+# @triton.jit functions, decorated when triton is imported, so under the interpreter they fail
+# ("Cannot call @triton.jit'd outside of the scope of a kernel") unless TRITON_INTERPRET was already
+# set when triton was first imported, which a test process cannot promise. tl.reduce(x, 0, _sum_combine) is what tl.sum does for floats,
 # and the interpreter recognizes that combine function and sums with numpy; tl.full replaces tl.zeros.
 # ---------------------------------------------------------------------------------------------
 
