@@ -102,8 +102,9 @@ LOCAL_MAX_C = 64   # most channels (lanes) per program of the local kernels
 # Besides the helpers below, they use only Triton builtins. tl.sum and tl.zeros are themselves
 # @triton.jit functions, decorated when triton is imported, so under the interpreter they fail
 # ("Cannot call @triton.jit'd outside of the scope of a kernel") unless TRITON_INTERPRET was already
-# set when triton was first imported, which a test process cannot promise. tl.reduce(x, 0, _sum_combine) is what tl.sum does for floats,
-# and the interpreter recognizes that combine function and sums with numpy; tl.full replaces tl.zeros.
+# set when triton was first imported, which a test process cannot promise. tl.reduce(x, 0,
+# _sum_combine) is what tl.sum does for floats, and the interpreter recognizes that combine function
+# and sums with numpy; tl.full replaces tl.zeros.
 # ---------------------------------------------------------------------------------------------
 
 _sum_combine = tl.standard._sum_combine
@@ -129,6 +130,22 @@ def _apply_program(HW, C, HWB, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     cmask = cols < C
     mask = (rows < HW)[:, None] & cmask[None, :]
     return n, cols, cmask, mask, n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
+
+
+def _local_program(CB, GC, C, CPG, BLOCK_C: tl.constexpr):
+    # A local program of grid (N*CB,): sample n, its GC channels (whole groups) in BLOCK_C lanes, each
+    # lane's group, and which lanes share a group (over the valid lanes).
+    pid = tl.program_id(0)
+    lane = tl.arange(0, BLOCK_C)
+    cols = (pid % CB) * GC + lane
+    cmask = (lane < GC) & (cols < C)
+    grp = cols // CPG
+    return pid // CB, cols, cmask, grp, (grp[:, None] == grp[None, :]) & cmask[None, :]
+
+
+def _group_sum(v, same):
+    # Per lane: the sum of v over the lanes of its group (`same` from _local_program).
+    return tl.reduce(tl.where(same, v[None, :], 0.0), 1, _sum_combine)
 
 
 def _group_stats(STATS, W, B, n, G, CPG, cols, cmask, PLANE, MOFF):
@@ -327,20 +344,13 @@ def _bwd_apply(X, DY, DX, STATS, PART, W, B, HW, C, G, CPG, HWB, PLANE, MOFF,
 
 def _fwd_local(X, Y, RES, STATS, W, B, HW, C, G, CPG, GC, CB, PLANE, MOFF, eps,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
-    pid = tl.program_id(0)                      # n * CB + block
-    n = pid // CB
-    lane = tl.arange(0, BLOCK_C)
-    cols = (pid % CB) * GC + lane
-    cmask = (lane < GC) & (cols < C)
+    n, cols, cmask, grp, same = _local_program(CB, GC, C, CPG, BLOCK_C)
     base = n.to(tl.int64) * HW * C
     mean, m2 = _moments(X, base, C, cols, cmask, 0, HW, BLOCK_HW, BLOCK_C)   # per channel, all rows
     # The groups' (mean, M2) from their channels' (all HW rows each), broadcast back to the lanes.
-    grp = cols // CPG
-    same = (grp[:, None] == grp[None, :]) & cmask[None, :]
     cpg = CPG * 1.0
-    gmean = tl.reduce(tl.where(same, mean[None, :], 0.0), 1, _sum_combine) / cpg
-    dev = m2 + (HW * 1.0) * (mean - gmean) * (mean - gmean)
-    var = tl.reduce(tl.where(same, dev[None, :], 0.0), 1, _sum_combine) / ((HW * 1.0) * cpg)
+    gmean = _group_sum(mean, same) / cpg
+    var = _group_sum(m2 + (HW * 1.0) * (mean - gmean) * (mean - gmean), same) / ((HW * 1.0) * cpg)
     rstd = 1.0 / tl.sqrt(var + eps)
     first = cmask & (cols % CPG == 0)
     tl.store(STATS + MOFF + n * G + grp, gmean, mask=first)
@@ -358,12 +368,7 @@ def _fwd_local(X, Y, RES, STATS, W, B, HW, C, G, CPG, GC, CB, PLANE, MOFF, eps,
 
 def _bwd_local(X, DY, Y, DR, DX, STATS, W, B, PART, HW, C, G, CPG, GC, CB, PLANE, MOFF,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr):
-    pid = tl.program_id(0)                      # n * CB + block
-    n = pid // CB
-    lane = tl.arange(0, BLOCK_C)
-    cols = (pid % CB) * GC + lane
-    cmask = (lane < GC) & (cols < C)
-    grp = cols // CPG
+    n, cols, cmask, grp, same = _local_program(CB, GC, C, CPG, BLOCK_C)
     mean, rstd, gamma, beta = _group_stats(STATS, W, B, n, G, CPG, cols, cmask, PLANE, MOFF)
     a = rstd * gamma
     base = n.to(tl.int64) * HW * C
@@ -372,10 +377,9 @@ def _bwd_local(X, DY, Y, DR, DX, STATS, W, B, PART, HW, C, G, CPG, GC, CB, PLANE
     tl.store(out, sdy, mask=cmask)
     tl.store(out + PLANE, sdyx, mask=cmask)
     if NEED_DX:
-        same = (grp[:, None] == grp[None, :]) & cmask[None, :]
         total = (HW * 1.0) * CPG
-        c1 = rstd * (tl.reduce(tl.where(same, (gamma * sdy)[None, :], 0.0), 1, _sum_combine) / total)
-        c2 = rstd * rstd * (tl.reduce(tl.where(same, (gamma * sdyx)[None, :], 0.0), 1, _sum_combine) / total)
+        c1 = rstd * (_group_sum(gamma * sdy, same) / total)
+        c2 = rstd * rstd * (_group_sum(gamma * sdyx, same) / total)
         nt = (HW + BLOCK_HW - 1) // BLOCK_HW
         for i in range(0, nt):                  # last tile read first, see _fwd_local
             rows = (nt - 1 - i) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -389,7 +393,7 @@ def _bwd_local(X, DY, Y, DR, DX, STATS, W, B, PART, HW, C, G, CPG, GC, CB, PLANE
             tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-_HELPERS = (_chunk_program, _apply_program, _group_stats, _moments, _normalized, _masked_dy, _dy_sums)
+_HELPERS = (_chunk_program, _apply_program, _local_program, _group_sum, _group_stats, _moments, _normalized, _masked_dy, _dy_sums)
 _KERNELS = (_fwd_stats, _fwd_combine, _fwd_apply, _bwd_reduce, _bwd_combine, _bwd_apply, _fwd_local, _bwd_local)
 
 
@@ -552,10 +556,8 @@ def _plan(n: int, c: int, hw: int, groups: int, sms: int, rows_per_chunk: int | 
         if n * _cdiv(c, channels) >= target:
             block_c = _npow2(channels)
             block_hw = max(1, min(_npow2(hw), t.tile // block_c))
-            tile = block_hw * block_c
-            num_warps = t.warps or (4 if tile >= 2048 else 2 if tile >= 512 else 1)
-            return Plan(block_c, hw, 1, block_hw, block_hw, min(_npow2(cpg), COMBINE_BLOCK), num_warps,
-                        channels, local=True)
+            return Plan(block_c, hw, 1, block_hw, block_hw, min(_npow2(cpg), COMBINE_BLOCK),
+                        _warps(t, block_hw * block_c), channels, local=True)
     block_c = min(_npow2(c), t.block_c)
     cblocks = _cdiv(c, block_c)
     if rows_per_chunk is not None:
@@ -572,9 +574,13 @@ def _plan(n: int, c: int, hw: int, groups: int, sms: int, rows_per_chunk: int | 
     while apply_hw > 1 and n * _cdiv(hw, apply_hw) * cblocks < target:
         apply_hw //= 2
     combine = min(_npow2(chunks * (c // groups)), COMBINE_BLOCK)
-    tile = max(block_hw, apply_hw) * block_c
-    num_warps = t.warps or (4 if tile >= 2048 else 2 if tile >= 512 else 1)
-    return Plan(block_c, rows, chunks, block_hw, apply_hw, combine, num_warps, block_c)
+    return Plan(block_c, rows, chunks, block_hw, apply_hw, combine, _warps(t, max(block_hw, apply_hw) * block_c),
+                block_c)
+
+
+def _warps(t: Tuning, tile: int) -> int:
+    """Warps per program for a tile of `tile` elements: the knob, else 4 from 2048, 2 from 512, else 1."""
+    return t.warps or (4 if tile >= 2048 else 2 if tile >= 512 else 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -684,13 +690,12 @@ class _Replay:
 
 def _fwd_call(n, c, hw, groups, eps, act, sms, rows_per_chunk) -> _Call:
     p = plan(n, c, hw, groups, sms, rows_per_chunk)
-    cpg, cblocks = c // groups, _cdiv(c, p.block_c)
+    cpg, cblocks = c // groups, _cdiv(c, p.channels)
     moff = n * p.chunks * c
     plane = -(-(moff + n * groups) // 16) * 16   # 64-byte aligned planes
     if p.local:
-        cb = _cdiv(c, p.channels)
         return _Call(p, plane, moff, (
-            _Step("_fwd_local", (n * cb,), (hw, c, groups, cpg, p.channels, cb, plane, moff, eps),
+            _Step("_fwd_local", (n * cblocks,), (hw, c, groups, cpg, p.channels, cblocks, plane, moff, eps),
                   dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=ACT_CODES[act]), p.num_warps),))
     hwb = _cdiv(hw, p.apply_block_hw)
     return _Call(p, plane, moff, (
@@ -704,26 +709,22 @@ def _fwd_call(n, c, hw, groups, eps, act, sms, rows_per_chunk) -> _Call:
 
 def _bwd_call(n, c, hw, groups, act, fwd: _Call, need_dx, need_dparams) -> _Call:
     p, plane, moff = fwd.plan, fwd.plane, fwd.moff
-    cpg, cblocks = c // groups, _cdiv(c, p.block_c)
+    cpg, cblocks = c // groups, _cdiv(c, p.channels)
     code = ACT_CODES[act]
-    if p.local:   # c1, c2 in the local kernel: the combine launch only for the parameter gradients
-        cb = _cdiv(c, p.channels)
-        steps = [_Step("_bwd_local", (n * cb,), (hw, c, groups, cpg, p.channels, cb, plane, moff),
+    if p.local:   # dx (with c1, c2) in the same launch
+        steps = [_Step("_bwd_local", (n * cblocks,), (hw, c, groups, cpg, p.channels, cblocks, plane, moff),
                        dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code, NEED_DX=need_dx), p.num_warps)]
-        if need_dparams:
-            steps.append(_Step("_bwd_combine", (_cdiv(c, PARAM_BLOCK_C),), (groups, hw, c, 1, cpg, plane, moff, 0, n),
-                               dict(BLOCK=p.combine_block, PBLOCK_R=PARAM_BLOCK_R, PBLOCK_C=PARAM_BLOCK_C), 4))
-        return _Call(p, plane, moff, tuple(steps))
-    steps = [_Step("_bwd_reduce", (n * p.chunks, cblocks), (hw, c, groups, cpg, p.chunks, p.rows, plane, moff),
-                   dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code), p.num_warps)]
-    # One launch for the groups' c1, c2 (if dx is needed) and the parameter gradients (if needed).
-    ng = n * groups if need_dx else 0
+    else:
+        steps = [_Step("_bwd_reduce", (n * p.chunks, cblocks), (hw, c, groups, cpg, p.chunks, p.rows, plane, moff),
+                       dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code), p.num_warps)]
+    # One launch for the groups' c1, c2 (if dx is needed, split plan) and the parameter gradients (if needed).
+    ng = n * groups if need_dx and not p.local else 0
     pblocks = _cdiv(c, PARAM_BLOCK_C) if need_dparams else 0
     if ng + pblocks:
         steps.append(_Step("_bwd_combine", (ng + pblocks,),
                            (groups, hw, c, p.chunks, cpg, plane, moff, ng, n * p.chunks),
                            dict(BLOCK=p.combine_block, PBLOCK_R=PARAM_BLOCK_R, PBLOCK_C=PARAM_BLOCK_C), 4))
-    if need_dx:
+    if need_dx and not p.local:
         hwb = _cdiv(hw, p.apply_block_hw)
         steps.append(_Step("_bwd_apply", (n * hwb, cblocks), (hw, c, groups, cpg, hwb, plane, moff),
                            dict(BLOCK_HW=p.apply_block_hw, BLOCK_C=p.block_c, ACT=1 if code == 1 else 0),
@@ -745,14 +746,11 @@ def _forward(x, weight, bias, groups, eps, act, residual, rows_per_chunk):
         call = _calls[key] = _fwd_call(N, C, H * W, groups, eps, act, _sm_count(x.device), rows_per_chunk)
     stats = torch.empty((2, call.plane), device=x.device, dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.channels_last)
+    apply = (x, y, x if residual is None else residual, stats, weight, bias)
+    tensors = {"_fwd_stats": (x, stats), "_fwd_combine": (stats,), "_fwd_apply": apply, "_fwd_local": apply}
     launch = _launcher(call)
-    if call.plan.local:
-        launch(call.steps[0], x, y, x if residual is None else residual, stats, weight, bias)
-    else:
-        stats_step, combine_step, apply_step = call.steps
-        launch(stats_step, x, stats)
-        launch(combine_step, stats)
-        launch(apply_step, x, y, x if residual is None else residual, stats, weight, bias)
+    for step in call.steps:
+        launch(step, *tensors[step.name])
     launch.done()
     return y, stats, call, key
 
@@ -776,19 +774,16 @@ def _backward(dy, x, y, weight, bias, stats, groups, act, fwd: _Call, fwd_key, n
     dgamma = torch.empty_like(weight) if need_dparams else None
     dbeta = torch.empty_like(bias) if need_dparams else None
     dx = torch.empty_like(x, memory_format=torch.channels_last) if need_dx else None
-    steps = iter(call.steps)
+    # Placeholders (x, weight, bias) where the epilogue or the gradients asked for need no tensor.
+    y_, dr_ = (y, dr) if residual else (x, x)
+    tensors = {"_bwd_reduce": (x, dy, y_, dr_, stats, weight, bias, part),
+               "_bwd_local": (x, dy, y_, dr_, x if dx is None else dx, stats, weight, bias, part),
+               "_bwd_combine": (part, stats, weight, weight if dgamma is None else dgamma, bias if dbeta is None else dbeta),
+               # With the residual epilogue, dr is the masked dy: read it instead of dy and y.
+               "_bwd_apply": (x, dr if residual else dy, dx, stats, part, weight, bias)}
     launch = _launcher(call)
-    if call.plan.local:
-        launch(next(steps), x, dy, y if residual else x, dr if residual else x, dx if need_dx else x,
-               stats, weight, bias, part)
-    else:
-        launch(next(steps), x, dy, y if residual else x, dr if residual else x, stats, weight, bias, part)
-    if need_dparams or (need_dx and not call.plan.local):   # (weight, bias: placeholders for the
-        launch(next(steps), part, stats, weight, dgamma if need_dparams else weight,   # gradients not
-               dbeta if need_dparams else bias)                                         # asked for)
-    if need_dx and not call.plan.local:
-        # With the residual epilogue, dr is the masked dy: read it instead of dy and y.
-        launch(next(steps), x, dr if residual else dy, dx, stats, part, weight, bias)
+    for step in call.steps:
+        launch(step, *tensors[step.name])
     launch.done()
     return dx, dgamma, dbeta, (dr if need_dr else None)
 
