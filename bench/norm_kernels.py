@@ -190,10 +190,12 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
+
     def head_for(tune=None):
         return f"{gpu_head(tune=tune)} | {args.epilogue}{' (CUDA graph)' if args.cuda_graph else ''}"
 
     head = head_for()
+    tunes = {f"imnet[{text}]": text for text in args.tune}   # extra method -> its plan
     print(f"# copy bandwidth {bw / 1e9:.0f} GB/s on {gpu}")
     print("| date | GPU | versions | epilogue | N | C | HxW | layers | bn ms | gn ms | gn_compile ms | imnet ms "
           "| imnet GB/s | imnet % copy BW | imnet / bn time |")
@@ -212,7 +214,6 @@ def main() -> int:
                 r = r.contiguous(memory_format=cl).requires_grad_()
             torch._dynamo.reset()  # a fresh compile per shape (the cache is per code object, 8 entries)
             steps = {m: make_step(m, c, args.epilogue, x, r, dy) for m in METHODS if m in args.methods}
-            tunes = {f"imnet[{text}]": text for text in args.tune}
             steps.update({m: make_step("imnet", c, args.epilogue, x, r, dy) for m in tunes})
             t = time_methods(steps, args.iters, args.repeats, args.cuda_graph, tunes)
             tensors = 5 + (2 if args.epilogue == "residual" else 0)
