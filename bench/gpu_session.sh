@@ -11,11 +11,11 @@
 #      how many kernels the cache holds (a step that adds many missed it)
 #   3. gn_gpu_check: the kernels against float64 on the GPU (exit 1 on a mismatch)
 #   4. rn50_throughput: ResNet-50 training img/s at 256 and 32 images, BN vs native GN vs imnet GN
-#   5. precompile_local, gn_gpu_check_local: the same for the local kernels (IMNET_GN_TUNE=local=16),
-#      at 256 images, where every layer takes them
+#   5. precompile_local, gn_gpu_check_local: the same for the local kernels (IMNET_GN_TUNE=local=16
+#      and local=16,tile=16384), at 256 images, where every layer takes them
 #   6. norm_kernels_graph: bench/norm_kernels.py --cuda-graph --batches 256 32 2 --tune local=16
-#      --write, the GPU time of each norm layer (BN, native GN, imnet GN with the default and the
-#      local plan) and imnet's share of copy bandwidth
+#      local=16,tile=16384 --write, the GPU time of each norm layer (BN, native GN, imnet GN with the
+#      default and the local plans) and imnet's share of copy bandwidth
 #   7. rn50_local: 4 with IMNET_GN_TUNE=local=16
 #   8. rn50_cuda_graph: 4 at 32 images with each step replayed as a CUDA graph (no host overhead)
 #   9. norm_kernels_graph_residual: 6 with the residual-add + ReLU epilogue
@@ -70,14 +70,18 @@ step gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32
 check_rc=$?
 step rn50_throughput 170 $PY bench/rn50_throughput.py --batches 256 32 --write
 LOCAL=(env IMNET_GN_TUNE=local=16)
-step precompile_local 60 "${LOCAL[@]}" $PY -m imnet.kernels.precompile --batches 32 256 --dtypes bf16 --jobs "$(nproc)"
-step gn_gpu_check_local 90 "${LOCAL[@]}" $PY bench/gn_gpu_check.py --batches 256 --dtypes bf16
+LOCALS=(local=16 local=16,tile=16384)   # the local plans timed below (group_norm.py's docstring)
+# `bash -c "$EACH_LOCAL" _ COMMAND...`: COMMAND under each of them; exit status: the first failure's
+export LOCAL_PLANS="${LOCALS[*]}"
+EACH_LOCAL='rc=0; for t in $LOCAL_PLANS; do IMNET_GN_TUNE=$t "$@" || { r=$?; [ $rc -eq 0 ] && rc=$r; }; done; exit $rc'
+step precompile_local 90 bash -c "$EACH_LOCAL" _ $PY -m imnet.kernels.precompile --batches 32 256 --dtypes bf16 --jobs "$(nproc)"
+step gn_gpu_check_local 150 bash -c "$EACH_LOCAL" _ $PY bench/gn_gpu_check.py --batches 256 --dtypes bf16
 rc=$?
 [ "$check_rc" -eq 0 ] && [ "$rc" -ne 99 ] && check_rc=$rc
-step norm_kernels_graph 150 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --tune local=16 --write
+step norm_kernels_graph 180 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --tune "${LOCALS[@]}" --write
 step rn50_local 120 "${LOCAL[@]}" $PY bench/rn50_throughput.py --batches 256 32 --write
 step rn50_cuda_graph 90 $PY bench/rn50_throughput.py --batches 32 --cuda-graph --write
-step norm_kernels_graph_residual 90 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --epilogue residual --tune local=16 --write
+step norm_kernels_graph_residual 90 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --epilogue residual --tune "${LOCALS[@]}" --write
 step gn_tune 150 $PY bench/gn_tune.py --batches 32 256 --budget 100 --jobs "$(nproc)" --write
 step norm_kernels_compile 300 $PY bench/norm_kernels.py --batches 32 --write
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imnet import config, models, norm
+from imnet import config, kernels, models, norm
 from imnet.kernels import ChannelsLastGroupNorm, kernel_applies, reference
 from imnet.kernels import group_norm as gnk
 from imnet.models.resnet import Bottleneck, fuse_norm_act, resnet50_norm_shapes
@@ -211,6 +211,11 @@ def test_module_uses_the_kernels_for_channels_last_and_falls_back_otherwise(monk
     y = m(x)
     assert type(y.grad_fn).__name__ == "NativeGroupNormBackward0"
     torch.testing.assert_close(y, F.group_norm(x, 8, m.weight, m.bias))
+    with monkeypatch.context() as mp:
+        mp.setattr(kernels, "MAX_SAMPLE_ELEMENTS", 16 * 4 * 4 - 1)  # a sample too large for 32-bit offsets
+        assert not kernel_applies(_cl(x))
+        assert type(m(_cl(x)).grad_fn).__name__ == "NativeGroupNormBackward0"
+    assert kernel_applies(_cl(x))
     monkeypatch.delenv("TRITON_INTERPRET")  # plain CPU: the reference path, even channels-last
     assert not kernel_applies(_cl(x))
     assert type(m(_cl(x)).grad_fn).__name__ == "NativeGroupNormBackward0"
@@ -286,18 +291,21 @@ def test_set_tuning_replans_and_forgets_cached_launches(tuned):
 SMALL_TILES = "local=16,programs_per_sm=1,tile=64,block_c=16"
 LOCAL_CASES = [(SMALL_TILES, (2, 64, 5, 5, 32)), (SMALL_TILES, (1, 24, 3, 5, 4)), (SMALL_TILES, (1, 6, 5, 3, 3)),
                ("local=64,programs_per_sm=1", (1, 256, 2, 2, 4)), ("local=64,programs_per_sm=1", (2, 256, 4, 4, 32)),
-               ("local=64,programs_per_sm=1", (2, 64, 4, 4, 2))]
+               ("local=64,programs_per_sm=1", (2, 64, 4, 4, 2)), ("local=64,programs_per_sm=1", (2, 48, 5, 5, 8)),
+               ("local=16,programs_per_sm=1", (2, 64, 3, 5, 16))]
 
 
 @pytest.mark.parametrize("text, shape", LOCAL_CASES, ids=str)
 def test_local_kernels_compute_the_same_function(tuned, text, shape):
     """SMALL_TILES: 4 rows per tile at 16 lanes, so both sweeps walk several tiles (5x5: 7, the last
-    holding 1 row)."""
+    holding 1 row). The others fit one tile (ONE: x and dy kept in registers), the last two with rows
+    (25 of 32, 15 of 16) and lanes (48 of 64) left empty."""
     tuned(text)
     n, c, h, w, groups = shape
     p = gnk.plan(n, c, h * w, groups, 1)
     cpg = c // groups
     assert p.local and p.chunks == 1 and p.channels % cpg == 0 and p.channels <= p.block_c
+    assert (p.block_hw >= h * w) == (text != SMALL_TILES)
     for act, residual in ((None, False), ("relu", False), ("relu", True)):
         _check(*shape, torch.float32, act, residual)
     _check(*shape, torch.bfloat16, "relu", True)
@@ -324,6 +332,21 @@ def test_local_plan_only_where_its_programs_fill_the_gpu(tuned):
     assert not gnk.plan(256, 256, 49, 2, 132).local          # 128 channels per group
     assert gnk.plan(256, 256, 49, 4, 132).local              # 64
     assert not gnk.plan(256, 256, 49, 32, 132, 7).local      # rows_per_chunk
+
+
+def test_local_programs_keep_a_whole_sample_where_one_tile_holds_it(tuned):
+    """ONE where npow2(HW) rows x the lanes (16, or the group's 32 and 64 channels at C = 1024, 2048)
+    fit the tile: at 256 images the 7x7 layers and those of 14x14 up to 512 channels with the default
+    tile; with tile=16384 also 1024x14x14 and the 28x28 ones (16 warps). 56x56 and the stem walk tiles."""
+    for text, whole in (("local=16", lambda c, hw: hw == 49 or (hw == 196 and c <= 512)),
+                        ("local=16,tile=16384", lambda c, hw: hw in (49, 196, 784))):
+        tuned(text)
+        for c, h, w in resnet50_norm_shapes():
+            fwd = gnk._fwd_call(256, c, h * w, 32, 1e-5, "relu", 132, None)
+            bwd = gnk._bwd_call(256, c, h * w, 32, "relu", fwd, True, True)
+            assert [s.name for s in fwd.steps + bwd.steps] == ["_fwd_local", "_bwd_local", "_bwd_combine"]
+            assert fwd.steps[0].constexprs["ONE"] == bwd.steps[0].constexprs["ONE"] == whole(c, h * w), (c, h, w)
+    assert gnk._fwd_call(256, 512, 784, 32, 1e-5, None, 132, None).steps[0].num_warps == 16
 
 
 def test_each_mode_gets_its_own_kernels_whatever_the_environment():

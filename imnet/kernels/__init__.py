@@ -8,6 +8,7 @@ Where its forward runs:
   - the Triton kernels (imnet/kernels/group_norm.py, imported on first use) for a CUDA tensor that
     is 4-D, channels-last and float32/bf16/fp16, when Triton imports; also for such a CPU tensor
     when TRITON_INTERPRET=1 (Triton's CPU interpreter: how the CPU tests run the real kernels);
+    A sample of more than 2**31 - 1 elements (C x H x W) is left to the reference below;
   - otherwise the PyTorch reference (imnet/kernels/reference.py: F.group_norm, then the add and ReLU),
     the same math. A CUDA input that is not channels-last takes this path rather than being copied
     into channels-last and back: native GroupNorm handles contiguous NCHW well, and the copies
@@ -47,9 +48,14 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+MAX_SAMPLE_ELEMENTS = 2**31 - 1   # the kernels index within a sample with 32-bit integers
+
+
 def kernel_applies(x: torch.Tensor) -> bool:
     """True when ChannelsLastGroupNorm would run the Triton kernels on x (see the module docstring)."""
     if x.dim() != 4 or x.dtype not in _DTYPES or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if x.shape[1] * x.shape[2] * x.shape[3] > MAX_SAMPLE_ELEMENTS:
         return False
     if x.is_cuda:
         return triton_available()

@@ -48,11 +48,17 @@ fill the GPU (large N), one program per (sample, block of whole groups, e.g. 16 
   backward _bwd_local: sum(dy), sum(dy*xhat) per channel (stored for dgamma, dbeta), c1 and c2 of
            its groups, then dx over the same rows in reverse; + _bwd_combine's parameter programs
            for dgamma, dbeta (not needed: 1 launch). 2 launches.
-Still two reads of x (and dy) per program, but the second follows the first within the program:
-with narrow blocks the data of the programs resident at once can fit in L2 (a 56x56 layer at 16
-channels: 132 SMs x 3 programs x 100 KB = 40 MB; an H100 has 50 MB; the 112x112 stem needs 4x), so
-DRAM may see the minimal 2 and 3 passes. Whether it does is what bench/gn_tune.py and
-bench/norm_kernels.py --tune measure on a GPU.
+Where one tile holds all HW rows (npow2(HW) x BLOCK_C <= tile: with local=16 at 256 images the 7x7
+layers and the 14x14 ones up to 512 channels with the default tile, all 14x14 and 28x28 ones too
+with tile=16384; tested), the program keeps x (and dy) in registers from its statistics to its
+output (constexpr ONE): the least traffic, 2 and 3 tensor passes. Otherwise it reads x (and dy)
+twice, the second read right after its own first: from L2, not DRAM, if the data of the programs
+resident at once fits there. A 56x56 sample at 16 channels is 100 KB in bf16, so an H100 (132 SMs,
+50 MB of L2) can hold about 3 resident programs per SM in the forward and 1 in the backward (x and
+dy); the 112x112 stem is 4x larger. Registers decide residency: with tile=16384 a program has 16
+warps, and at its 79-128 registers per thread (sm_90) only one fits an SM (65536).
+Whether any of this is faster is what bench/gn_tune.py and bench/norm_kernels.py --tune measure on
+a GPU.
 
 Launch plan (plan()): BLOCK_C = min(C, 128) channels per program; tiles of 4096 elements (rows x
 BLOCK_C); a GPU with `sms` SMs wants at least P = 4*sms programs per kernel. When the N * C/BLOCK_C
@@ -156,20 +162,30 @@ def _group_stats(STATS, W, B, n, G, CPG, cols, cmask, PLANE, MOFF):
             tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32))
 
 
-def _moments(X, base, C, cols, cmask, r0, r1, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Per-channel (mean, M2) of rows [r0, r1) of the sample at X + base: within a tile two passes in
-    # registers (mean, then squared deviations from it), tiles merged with Chan et al.'s formula.
+def _rows(C, cols, cmask, t, r1, BLOCK_HW: tl.constexpr):
+    # The tile of rows [t, t + BLOCK_HW) (those below r1) of a sample: mask, and offsets within the
+    # sample (int32, so half the registers of int64 ones: kernel_applies wants < 2**31 elements a sample).
+    rows = t + tl.arange(0, BLOCK_HW)
+    return (rows < r1)[:, None] & cmask[None, :], rows[:, None] * C + cols[None, :]
+
+
+def _tile_moments(x, mask, nb):
+    # Per-channel (mean, M2) of a float32 tile holding nb valid rows: two passes in registers.
+    mb = tl.reduce(x, 0, _sum_combine) / nb
+    d = tl.where(mask, x - mb[None, :], 0.0)
+    return mb, tl.reduce(d * d, 0, _sum_combine)
+
+
+def _moments(X, C, cols, cmask, r0, r1, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Per-channel (mean, M2) of rows [r0, r1) of the sample at X: each tile's own (mean, M2),
+    # tiles merged with Chan et al.'s formula.
     mean = tl.full([BLOCK_C], 0.0, tl.float32)
     m2 = tl.full([BLOCK_C], 0.0, tl.float32)
     for t in range(r0, r1, BLOCK_HW):
-        rows = t + tl.arange(0, BLOCK_HW)
-        mask = (rows < r1)[:, None] & cmask[None, :]
-        x = tl.load(X + base + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mask, off = _rows(C, cols, cmask, t, r1, BLOCK_HW)
         nb = tl.minimum(r1 - t, BLOCK_HW).to(tl.float32)   # rows in this tile
         na = (t - r0) * 1.0                                 # rows merged so far (full tiles)
-        mb = tl.reduce(x, 0, _sum_combine) / nb
-        d = tl.where(mask, x - mb[None, :], 0.0)
-        m2b = tl.reduce(d * d, 0, _sum_combine)
+        mb, m2b = _tile_moments(tl.load(X + off, mask=mask, other=0.0).to(tl.float32), mask, nb)
         delta = mb - mean
         w = nb / (na + nb)
         mean += delta * w
@@ -199,24 +215,32 @@ def _masked_dy(x, dy, Y, off, mask, mean, a, beta, ACT: tl.constexpr):
     return dy
 
 
-def _dy_sums(X, DY, Y, DR, base, C, cols, cmask, r0, r1, mean, rstd, a, beta,
+def _tile_dy(X, DY, Y, DR, off, mask, mean, rstd, a, beta, ACT: tl.constexpr):
+    # A tile's float32 x and dy, dy masked by the epilogue (and, for residual + ReLU, stored: it is
+    # the residual's gradient), and its per-channel sum(dy), sum(dy * xhat).
+    x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    dy = _masked_dy(x, tl.load(DY + off, mask=mask, other=0.0).to(tl.float32), Y, off, mask, mean, a, beta, ACT)
+    if ACT == 2:
+        tl.store(DR + off, dy.to(DR.dtype.element_ty), mask=mask)
+    xhat = (x - mean[None, :]) * rstd[None, :]
+    return x, dy, tl.reduce(dy, 0, _sum_combine), tl.reduce(dy * xhat, 0, _sum_combine)
+
+
+def _dy_sums(X, DY, Y, DR, C, cols, cmask, r0, r1, mean, rstd, a, beta,
              BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
-    # Per-channel sum(dy) and sum(dy * xhat) over rows [r0, r1), dy masked by the epilogue (and, for
-    # residual + ReLU, stored: it is the residual's gradient).
+    # Per-channel sum(dy) and sum(dy * xhat) over rows [r0, r1) of the sample at X, DY, ... (see _tile_dy).
     sdy = tl.full([BLOCK_C], 0.0, tl.float32)
     sdyx = tl.full([BLOCK_C], 0.0, tl.float32)
     for t in range(r0, r1, BLOCK_HW):
-        rows = t + tl.arange(0, BLOCK_HW)
-        mask = (rows < r1)[:, None] & cmask[None, :]
-        off = base + rows[:, None] * C + cols[None, :]
-        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-        dy = _masked_dy(x, tl.load(DY + off, mask=mask, other=0.0).to(tl.float32), Y, off, mask, mean, a, beta, ACT)
-        if ACT == 2:
-            tl.store(DR + off, dy.to(DR.dtype.element_ty), mask=mask)
-        xhat = (x - mean[None, :]) * rstd[None, :]
-        sdy += tl.reduce(dy, 0, _sum_combine)
-        sdyx += tl.reduce(dy * xhat, 0, _sum_combine)
+        mask, off = _rows(C, cols, cmask, t, r1, BLOCK_HW)
+        x, dy, s1, s2 = _tile_dy(X, DY, Y, DR, off, mask, mean, rstd, a, beta, ACT)
+        sdy += s1
+        sdyx += s2
     return sdy, sdyx
+
+
+def _dx(x, dy, mean, a, c1, c2):
+    return a[None, :] * dy - c1[None, :] - c2[None, :] * (x - mean[None, :])
 
 
 # Kernels.
@@ -225,7 +249,7 @@ def _fwd_stats(X, PART, HW, C, S, R, PLANE,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     pid, n, s, cols, cmask = _chunk_program(S, C, BLOCK_C)
     r0 = s * R
-    mean, m2 = _moments(X, n.to(tl.int64) * HW * C, C, cols, cmask, r0, tl.minimum(r0 + R, HW), BLOCK_HW, BLOCK_C)
+    mean, m2 = _moments(X + n.to(tl.int64) * HW * C, C, cols, cmask, r0, tl.minimum(r0 + R, HW), BLOCK_HW, BLOCK_C)
     out = PART + pid.to(tl.int64) * C + cols    # partial (n*S + s, c): plane 0 mean, plane 1 M2
     tl.store(out, mean, mask=cmask)
     tl.store(out + PLANE, m2, mask=cmask)
@@ -278,7 +302,8 @@ def _bwd_reduce(X, DY, Y, DR, STATS, W, B, PART, HW, C, G, CPG, S, R, PLANE, MOF
     pid, n, s, cols, cmask = _chunk_program(S, C, BLOCK_C)
     r0 = s * R
     mean, rstd, gamma, beta = _group_stats(STATS, W, B, n, G, CPG, cols, cmask, PLANE, MOFF)
-    sdy, sdyx = _dy_sums(X, DY, Y, DR, n.to(tl.int64) * HW * C, C, cols, cmask, r0, tl.minimum(r0 + R, HW),
+    base = n.to(tl.int64) * HW * C
+    sdy, sdyx = _dy_sums(X + base, DY + base, Y + base, DR + base, C, cols, cmask, r0, tl.minimum(r0 + R, HW),
                          mean, rstd, rstd * gamma, beta, BLOCK_HW, BLOCK_C, ACT)
     out = PART + pid.to(tl.int64) * C + cols    # plane 0 sum(dy), plane 1 sum(dy*xhat)
     tl.store(out, sdy, mask=cmask)
@@ -332,8 +357,7 @@ def _bwd_apply(X, DY, DX, STATS, PART, W, B, HW, C, G, CPG, HWB, PLANE, MOFF,
     c2 = tl.load(cgrp + PLANE, mask=cmask, other=0.0)
     x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
     dy = _masked_dy(x, tl.load(DY + off, mask=mask, other=0.0).to(tl.float32), DY, off, mask, mean, a, beta, ACT)
-    dx = a[None, :] * dy - c1[None, :] - c2[None, :] * (x - mean[None, :])
-    tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + off, _dx(x, dy, mean, a, c1, c2).to(DX.dtype.element_ty), mask=mask)
 
 
 # Local kernels (Tuning.local): a program owns whole groups of one sample (GC <= BLOCK_C channels,
@@ -343,10 +367,16 @@ def _bwd_apply(X, DY, DX, STATS, PART, W, B, HW, C, G, CPG, HWB, PLANE, MOFF,
 # holds (narrow blocks). Chosen only where these programs alone fill the GPU (large N).
 
 def _fwd_local(X, Y, RES, STATS, W, B, HW, C, G, CPG, GC, CB, PLANE, MOFF, eps,
-               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr, ONE: tl.constexpr):
     n, cols, cmask, grp, same = _local_program(CB, GC, C, CPG, BLOCK_C)
-    base = n.to(tl.int64) * HW * C
-    mean, m2 = _moments(X, base, C, cols, cmask, 0, HW, BLOCK_HW, BLOCK_C)   # per channel, all rows
+    base = n.to(tl.int64) * HW * C              # the sample's tensors from here on
+    X, Y, RES = X + base, Y + base, RES + base
+    if ONE:                                     # one tile holds all HW rows: x stays in registers
+        mask, off = _rows(C, cols, cmask, 0, HW, BLOCK_HW)
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        mean, m2 = _tile_moments(x, mask, HW * 1.0)
+    else:
+        mean, m2 = _moments(X, C, cols, cmask, 0, HW, BLOCK_HW, BLOCK_C)   # per channel, all rows
     # The groups' (mean, M2) from their channels' (all HW rows each), broadcast back to the lanes.
     cpg = CPG * 1.0
     gmean = _group_sum(mean, same) / cpg
@@ -357,22 +387,30 @@ def _fwd_local(X, Y, RES, STATS, W, B, HW, C, G, CPG, GC, CB, PLANE, MOFF, eps,
     tl.store(STATS + PLANE + MOFF + n * G + grp, rstd, mask=first)
     a = rstd * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     beta = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-    nt = (HW + BLOCK_HW - 1) // BLOCK_HW
-    for i in range(0, nt):                      # last tile read first: likeliest still cached
-        rows = (nt - 1 - i) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        mask = (rows < HW)[:, None] & cmask[None, :]
-        off = base + rows[:, None] * C + cols[None, :]
-        v = _normalized(tl.load(X + off, mask=mask, other=0.0).to(tl.float32), RES, off, mask, gmean, a, beta, ACT)
-        tl.store(Y + off, v.to(Y.dtype.element_ty), mask=mask)
+    if ONE:
+        tl.store(Y + off, _normalized(x, RES, off, mask, gmean, a, beta, ACT).to(Y.dtype.element_ty), mask=mask)
+    else:
+        nt = (HW + BLOCK_HW - 1) // BLOCK_HW
+        for i in range(0, nt):                  # last tile read first: likeliest still cached
+            mask, off = _rows(C, cols, cmask, (nt - 1 - i) * BLOCK_HW, HW, BLOCK_HW)
+            v = _normalized(tl.load(X + off, mask=mask, other=0.0).to(tl.float32), RES, off, mask, gmean, a, beta,
+                            ACT)
+            tl.store(Y + off, v.to(Y.dtype.element_ty), mask=mask)
 
 
 def _bwd_local(X, DY, Y, DR, DX, STATS, W, B, PART, HW, C, G, CPG, GC, CB, PLANE, MOFF,
-               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr):
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr,
+               ONE: tl.constexpr):
     n, cols, cmask, grp, same = _local_program(CB, GC, C, CPG, BLOCK_C)
     mean, rstd, gamma, beta = _group_stats(STATS, W, B, n, G, CPG, cols, cmask, PLANE, MOFF)
     a = rstd * gamma
-    base = n.to(tl.int64) * HW * C
-    sdy, sdyx = _dy_sums(X, DY, Y, DR, base, C, cols, cmask, 0, HW, mean, rstd, a, beta, BLOCK_HW, BLOCK_C, ACT)
+    base = n.to(tl.int64) * HW * C              # the sample's tensors from here on
+    X, DY, Y, DR, DX = X + base, DY + base, Y + base, DR + base, DX + base
+    if ONE:                                     # one tile: x and the masked dy stay in registers
+        mask, off = _rows(C, cols, cmask, 0, HW, BLOCK_HW)
+        x, dy, sdy, sdyx = _tile_dy(X, DY, Y, DR, off, mask, mean, rstd, a, beta, ACT)
+    else:
+        sdy, sdyx = _dy_sums(X, DY, Y, DR, C, cols, cmask, 0, HW, mean, rstd, a, beta, BLOCK_HW, BLOCK_C, ACT)
     out = PART + n.to(tl.int64) * C + cols      # per (sample, channel), for _bwd_combine's dgamma, dbeta
     tl.store(out, sdy, mask=cmask)
     tl.store(out + PLANE, sdyx, mask=cmask)
@@ -380,20 +418,21 @@ def _bwd_local(X, DY, Y, DR, DX, STATS, W, B, PART, HW, C, G, CPG, GC, CB, PLANE
         total = (HW * 1.0) * CPG
         c1 = rstd * (_group_sum(gamma * sdy, same) / total)
         c2 = rstd * rstd * (_group_sum(gamma * sdyx, same) / total)
-        nt = (HW + BLOCK_HW - 1) // BLOCK_HW
-        for i in range(0, nt):                  # last tile read first, see _fwd_local
-            rows = (nt - 1 - i) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-            mask = (rows < HW)[:, None] & cmask[None, :]
-            off = base + rows[:, None] * C + cols[None, :]
-            x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-            # (residual + ReLU: the mask again from y, not the dr just stored: other threads wrote it)
-            dy = _masked_dy(x, tl.load(DY + off, mask=mask, other=0.0).to(tl.float32), Y, off, mask, mean, a, beta,
-                            ACT)
-            dx = a[None, :] * dy - c1[None, :] - c2[None, :] * (x - mean[None, :])
-            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+        if ONE:
+            tl.store(DX + off, _dx(x, dy, mean, a, c1, c2).to(DX.dtype.element_ty), mask=mask)
+        else:
+            nt = (HW + BLOCK_HW - 1) // BLOCK_HW
+            for i in range(0, nt):              # last tile read first, see _fwd_local
+                mask, off = _rows(C, cols, cmask, (nt - 1 - i) * BLOCK_HW, HW, BLOCK_HW)
+                x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+                # (residual + ReLU: the mask again from y, not the dr just stored: other threads wrote it)
+                dy = _masked_dy(x, tl.load(DY + off, mask=mask, other=0.0).to(tl.float32), Y, off, mask, mean, a,
+                                beta, ACT)
+                tl.store(DX + off, _dx(x, dy, mean, a, c1, c2).to(DX.dtype.element_ty), mask=mask)
 
 
-_HELPERS = (_chunk_program, _apply_program, _local_program, _group_sum, _group_stats, _moments, _normalized, _masked_dy, _dy_sums)
+_HELPERS = (_chunk_program, _apply_program, _local_program, _group_sum, _group_stats, _rows, _tile_moments,
+            _moments, _normalized, _masked_dy, _tile_dy, _dy_sums, _dx)
 _KERNELS = (_fwd_stats, _fwd_combine, _fwd_apply, _bwd_reduce, _bwd_combine, _bwd_apply, _fwd_local, _bwd_local)
 
 
@@ -461,7 +500,7 @@ class Tuning:
     tile: int = 4096            # elements per (rows x channels) tile: 32 float32 registers per thread at 4 warps
     block_c: int = 128          # most channels per program: 256 contiguous bytes of a bf16 row
     programs_per_sm: int = 4    # each kernel's grid aims at no fewer programs than this x SMs
-    warps: int = 0              # warps per program; 0: from the tile (4 from 2048 elements, 2 from 512, else 1)
+    warps: int = 0              # warps per program; 0: from the tile (see _warps: 4 at 4096 elements)
     align_rows: int = 0         # 1: split chunks of whole tiles (rows a multiple of the tile's rows, or a
                                 # power of 2 below it), so no tile of a chunk runs partly empty
     local: int = 0              # >0: the local kernels (_fwd_local, _bwd_local) with this many channels per
@@ -579,8 +618,11 @@ def _plan(n: int, c: int, hw: int, groups: int, sms: int, rows_per_chunk: int | 
 
 
 def _warps(t: Tuning, tile: int) -> int:
-    """Warps per program for a tile of `tile` elements: the knob, else 4 from 2048, 2 from 512, else 1."""
-    return t.warps or (4 if tile >= 2048 else 2 if tile >= 512 else 1)
+    """Warps per program for a tile of `tile` elements: the knob, else one per 1024 elements from 4096
+    (at most 16: 32 float32 registers per thread and tile up to 16384), 4 from 2048, 2 from 512, else 1."""
+    if t.warps:
+        return t.warps
+    return min(16, tile // 1024) if tile >= 4096 else 4 if tile >= 2048 else 2 if tile >= 512 else 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -696,7 +738,8 @@ def _fwd_call(n, c, hw, groups, eps, act, sms, rows_per_chunk) -> _Call:
     if p.local:
         return _Call(p, plane, moff, (
             _Step("_fwd_local", (n * cblocks,), (hw, c, groups, cpg, p.channels, cblocks, plane, moff, eps),
-                  dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=ACT_CODES[act]), p.num_warps),))
+                  dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=ACT_CODES[act], ONE=p.block_hw >= hw),
+                  p.num_warps),))
     hwb = _cdiv(hw, p.apply_block_hw)
     return _Call(p, plane, moff, (
         _Step("_fwd_stats", (n * p.chunks, cblocks), (hw, c, p.chunks, p.rows, plane),
@@ -713,7 +756,8 @@ def _bwd_call(n, c, hw, groups, act, fwd: _Call, need_dx, need_dparams) -> _Call
     code = ACT_CODES[act]
     if p.local:   # dx (with c1, c2) in the same launch
         steps = [_Step("_bwd_local", (n * cblocks,), (hw, c, groups, cpg, p.channels, cblocks, plane, moff),
-                       dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code, NEED_DX=need_dx), p.num_warps)]
+                       dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code, NEED_DX=need_dx, ONE=p.block_hw >= hw),
+                       p.num_warps)]
     else:
         steps = [_Step("_bwd_reduce", (n * p.chunks, cblocks), (hw, c, groups, cpg, p.chunks, p.rows, plane, moff),
                        dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code), p.num_warps)]
