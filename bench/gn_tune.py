@@ -33,9 +33,9 @@ from benchmarks_md import append_rows, gpu_head
 MARKER = "<!-- gn_tune rows -->"
 # The local kernels first (not yet timed; tile=16384: whole 28x28 samples in registers, one 16-warp
 # program per SM); then the knobs timed against programs_per_sm=2 before.
-ROUND1 = ("", "local=16", "local=16,tile=16384", "local=32", "local=64", "programs_per_sm=2", "programs_per_sm=8",
-          "align_rows=1",
-          "tile=8192,warps=8", "warps=8", "tile=2048", "block_c=64")
+ROUND1 = ("", "local=16", "local=16,tile=16384", "local=32", "local=64",
+          "programs_per_sm=2", "programs_per_sm=8", "align_rows=1", "tile=8192,warps=8", "warps=8", "tile=2048",
+          "block_c=64")
 
 
 def merge(configs: list[str]) -> str:

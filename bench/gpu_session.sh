@@ -69,8 +69,8 @@ step precompile_256 60 $PY -m imnet.kernels.precompile --batches 256 --dtypes bf
 step gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32
 check_rc=$?
 step rn50_throughput 170 $PY bench/rn50_throughput.py --batches 256 32 --write
-LOCAL=(env IMNET_GN_TUNE=local=16)
 LOCALS=(local=16 local=16,tile=16384)   # the local plans timed below (group_norm.py's docstring)
+LOCAL=(env IMNET_GN_TUNE="${LOCALS[0]}")
 # `bash -c "$EACH_LOCAL" _ COMMAND...`: COMMAND under each of them; exit status: the first failure's
 export LOCAL_PLANS="${LOCALS[*]}"
 EACH_LOCAL='rc=0; for t in $LOCAL_PLANS; do IMNET_GN_TUNE=$t "$@" || { r=$?; [ $rc -eq 0 ] && rc=$r; }; done; exit $rc'

@@ -9,7 +9,7 @@ with the H100's 132 SMs in the launch plan, and has Triton's JIT compile every d
 sm_90 down to a cubin; ptxas -v must report no register spills.
 
 Measured on this 2-core machine with Triton 3.8.0 (installed here): 305 distinct launches, compiled
-in 59 s by 2 processes, no spills, most registers per thread 156 (_bwd_reduce), then 118
+in 59 s by 2 processes, no spills, most registers per thread 156 (_bwd_reduce), then 117
 (_bwd_apply), the others <= 80. `python -m imnet.kernels.precompile --arch 90 --sms 132 --jobs 2
 --report` (batches 1, 2, 32, 256, all three dtypes and epilogues): 635 launches, no spills, with
 Triton 3.8.0 (132 s, at most 156 registers) and with 3.6.0 (the GPU machine's version, installed

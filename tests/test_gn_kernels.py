@@ -305,7 +305,7 @@ def test_local_kernels_compute_the_same_function(tuned, text, shape):
     p = gnk.plan(n, c, h * w, groups, 1)
     cpg = c // groups
     assert p.local and p.chunks == 1 and p.channels % cpg == 0 and p.channels <= p.block_c
-    assert (p.block_hw >= h * w) == (text != SMALL_TILES)
+    assert p.one == (p.block_hw >= h * w) == (text != SMALL_TILES)
     for act, residual in ((None, False), ("relu", False), ("relu", True)):
         _check(*shape, torch.float32, act, residual)
     _check(*shape, torch.bfloat16, "relu", True)

@@ -8,7 +8,7 @@ Where its forward runs:
   - the Triton kernels (imnet/kernels/group_norm.py, imported on first use) for a CUDA tensor that
     is 4-D, channels-last and float32/bf16/fp16, when Triton imports; also for such a CPU tensor
     when TRITON_INTERPRET=1 (Triton's CPU interpreter: how the CPU tests run the real kernels);
-    A sample of more than 2**31 - 1 elements (C x H x W) is left to the reference below;
+    in both cases only for samples (C x H x W) of at most 2**31 - 1 elements (32-bit offsets);
   - otherwise the PyTorch reference (imnet/kernels/reference.py: F.group_norm, then the add and ReLU),
     the same math. A CUDA input that is not channels-last takes this path rather than being copied
     into channels-last and back: native GroupNorm handles contiguous NCHW well, and the copies

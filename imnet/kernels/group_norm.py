@@ -131,11 +131,10 @@ def _apply_program(HW, C, HWB, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     # is read first.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     n = pid // HWB
-    rows = (pid % HWB) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     cols = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mask = (rows < HW)[:, None] & cmask[None, :]
-    return n, cols, cmask, mask, n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
+    mask, off = _rows(C, cols, cmask, (pid % HWB) * BLOCK_HW, HW, BLOCK_HW)
+    return n, cols, cmask, mask, n.to(tl.int64) * HW * C + off
 
 
 def _local_program(CB, GC, C, CPG, BLOCK_C: tl.constexpr):
@@ -569,6 +568,7 @@ class Plan:
     num_warps: int
     channels: int        # channels per program: block_c, or the local kernels' whole groups (<= block_c)
     local: bool = False  # the local kernels (S = 1, one tile size)
+    one: bool = False    # local, and one tile holds all HW rows (the kernels' ONE: x, dy kept in registers)
 
     def reduce_programs(self, n: int, c: int) -> int:
         return n * self.chunks * _cdiv(c, self.channels)
@@ -596,7 +596,7 @@ def _plan(n: int, c: int, hw: int, groups: int, sms: int, rows_per_chunk: int | 
             block_c = _npow2(channels)
             block_hw = max(1, min(_npow2(hw), t.tile // block_c))
             return Plan(block_c, hw, 1, block_hw, block_hw, min(_npow2(cpg), COMBINE_BLOCK),
-                        _warps(t, block_hw * block_c), channels, local=True)
+                        _warps(t, block_hw * block_c), channels, local=True, one=block_hw >= hw)
     block_c = min(_npow2(c), t.block_c)
     cblocks = _cdiv(c, block_c)
     if rows_per_chunk is not None:
@@ -738,7 +738,7 @@ def _fwd_call(n, c, hw, groups, eps, act, sms, rows_per_chunk) -> _Call:
     if p.local:
         return _Call(p, plane, moff, (
             _Step("_fwd_local", (n * cblocks,), (hw, c, groups, cpg, p.channels, cblocks, plane, moff, eps),
-                  dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=ACT_CODES[act], ONE=p.block_hw >= hw),
+                  dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=ACT_CODES[act], ONE=p.one),
                   p.num_warps),))
     hwb = _cdiv(hw, p.apply_block_hw)
     return _Call(p, plane, moff, (
@@ -756,7 +756,7 @@ def _bwd_call(n, c, hw, groups, act, fwd: _Call, need_dx, need_dparams) -> _Call
     code = ACT_CODES[act]
     if p.local:   # dx (with c1, c2) in the same launch
         steps = [_Step("_bwd_local", (n * cblocks,), (hw, c, groups, cpg, p.channels, cblocks, plane, moff),
-                       dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code, NEED_DX=need_dx, ONE=p.block_hw >= hw),
+                       dict(BLOCK_HW=p.block_hw, BLOCK_C=p.block_c, ACT=code, NEED_DX=need_dx, ONE=p.one),
                        p.num_warps)]
     else:
         steps = [_Step("_bwd_reduce", (n * p.chunks, cblocks), (hw, c, groups, cpg, p.chunks, p.rows, plane, moff),
