@@ -7,7 +7,8 @@ epilogue (plain, fused ReLU, fused residual-add + ReLU): fresh random inputs (x 
 random gamma, beta, dy, residual; never zeros), the kernels' forward and all gradients (input,
 gamma, beta, residual) against torch.nn.functional.group_norm (+ add, ReLU) in float64 on the GPU.
 Also the spatial split forced to 7-row chunks at batch 2, and ChannelsLastGroupNorm under bf16
-autocast, and torch.compile's path (the custom ops) against eager. Each case runs twice, on
+autocast, torch.compile's path (the custom ops) against eager, and (with 2 GPUs) the module on a
+GPU that is not the current device. Each case runs twice, on
 different data: the first call compiles and records the kernels, the checked second one starts the
 recorded kernels directly, the path of every later training step. Prints one table row per case
 and exits 1 on any mismatch (2 without a GPU). The launch plan is IMNET_GN_TUNE's (e.g. local=16:
@@ -85,7 +86,7 @@ def check(n, c, h, w, dtype, epilogue, gen, rows_per_chunk=None, groups=32) -> d
 def check_module_under_autocast(gen, dev="cuda") -> list[str]:
     from imnet.kernels import ChannelsLastGroupNorm, reference
 
-    m = ChannelsLastGroupNorm(32, 256, act="relu").to(dev)
+    m = ChannelsLastGroupNorm(32, 256, act="relu", any_gpu=True).to(dev)
     x = (3 * torch.randn(2, 256, 14, 14, device=dev, generator=gen) + 5).to(torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(dev, dtype=torch.bfloat16):
@@ -107,8 +108,8 @@ def check_compiled(gen, dev="cuda") -> list[str]:
     from imnet.kernels import ChannelsLastGroupNorm
 
     torch.manual_seed(1)
-    gn1 = ChannelsLastGroupNorm(32, 256, act="relu").to(dev)
-    gn2 = ChannelsLastGroupNorm(32, 256, act="relu").to(dev)
+    gn1 = ChannelsLastGroupNorm(32, 256, act="relu", any_gpu=True).to(dev)
+    gn2 = ChannelsLastGroupNorm(32, 256, act="relu", any_gpu=True).to(dev)
 
     def f(x, r):
         return gn2(gn1(x), r)
@@ -135,6 +136,37 @@ def check_compiled(gen, dev="cuda") -> list[str]:
     for name, a, b in zip(names, compiled, eager):
         if not torch.equal(a, b):
             problems.append(f"compile: {name} differs from eager by {(a.float() - b.float()).abs().max().item():.1e}")
+    return problems
+
+
+def check_other_gpu(gen, dev="cuda") -> list[str]:
+    """ChannelsLastGroupNorm on the last GPU while the first is the current device (Triton launches on
+    the current one unless imnet switches): y and every gradient against float64. Needs 2 GPUs."""
+    from imnet.kernels import ChannelsLastGroupNorm, reference
+
+    other = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.cuda.set_device(0)
+    g = torch.Generator(device=other).manual_seed(int(torch.randint(1 << 30, (1,), generator=gen, device=dev)))
+    m = ChannelsLastGroupNorm(32, 256, any_gpu=True).to(other)   # no ReLU: no ties to mask
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(256, device=other, generator=g))
+        m.bias.copy_(torch.randn(256, device=other, generator=g))
+    x = (3 * torch.randn(2, 256, 14, 14, device=other, generator=g) + 5).to(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, device=other, generator=g)
+    xk = x.clone().requires_grad_()
+    y = m(xk)
+    y.backward(dy)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, m.weight, m.bias))
+    yr = F.group_norm(xr, 32, wr, br, 1e-5)
+    yr.backward(dy.double())
+    problems = []
+    if type(y.grad_fn).__name__ != "GroupNormNHWCBackward":
+        problems.append(f"{other}: {type(y.grad_fn).__name__} ran, not the kernels")
+    for name, a, b in (("y", y, yr), ("dx", xk.grad, xr.grad), ("dgamma", m.weight.grad, wr.grad),
+                       ("dbeta", m.bias.grad, br.grad)):
+        err = reference.relative_error(a, b)
+        if not err <= OUT_BOUND[torch.float32]:
+            problems.append(f"{other}: {name} error {err:.1e}")
     return problems
 
 
@@ -177,12 +209,17 @@ def main() -> int:
         print(f"| {n} | {c} | {h}x{w} | {dt} | {ep}{'' if rows is None else f' (rows {rows})'} | {r['chunks']} | "
               f"{cols} | {r['ties']} | {raw} | {'ok' if ok else 'FAIL: ' + '; '.join(r['problems'])} |", flush=True)
     failed = 0
-    for name, fn in (("module under autocast", check_module_under_autocast), ("torch.compile", check_compiled)):
+    extra = [("module under autocast", check_module_under_autocast), ("torch.compile", check_compiled)]
+    if args.device == "cuda" and torch.cuda.device_count() > 1:
+        extra.append(("on another GPU than the current one", check_other_gpu))
+    else:
+        print("on another GPU than the current one: not checked (one GPU)")
+    for name, fn in extra:
         problems = fn(gen, args.device)
         print(f"{name}: " + ("ok" if not problems else "FAIL: " + "; ".join(problems)), flush=True)
         failed += bool(problems)
     failures += failed
-    print(f"{len(cases) + 2 - failures} / {len(cases) + 2} checks passed")
+    print(f"{len(cases) + len(extra) - failures} / {len(cases) + len(extra)} checks passed")
     return 1 if failures else 0
 
 

@@ -77,7 +77,7 @@ def make_step(method: str, c: int, epilogue: str, x, r, dy):
     elif method in ("gn", "gn_compile"):
         m = nn.GroupNorm(32, c)
     else:
-        m = ChannelsLastGroupNorm(32, c, act=None if epilogue == "none" else "relu")
+        m = ChannelsLastGroupNorm(32, c, act=None if epilogue == "none" else "relu", any_gpu=True)
     m = m.cuda().to(memory_format=torch.channels_last)
     fused = method == "imnet"
 

@@ -57,7 +57,8 @@ class ModelCfg(Section):
     gn_groups: int = Field(32, gt=0)
     gn_channels_per_group: Optional[int] = Field(None, gt=0)  # wins over gn_groups when set
     # GroupNorm for gn/ln/in: triton = imnet.kernels' channels-last kernels on CUDA (native math on
-    # the CPU); auto = triton where Triton imports, else native (torch's nn.GroupNorm).
+    # the CPU); auto = triton where Triton imports and supports the GPU (NVIDIA, compute capability
+    # >= 8.0), else native (torch's nn.GroupNorm).
     gn_impl: Literal["auto", "triton", "native"] = "auto"
     norm_eps: float = Field(1e-5, gt=0)
     zero_init_last: bool = True    # gamma = 0 in the last norm of each residual block

@@ -36,16 +36,18 @@ def _native_group_norm(groups: int, channels: int, eps: float) -> nn.Module:
 
 
 def _triton_group_norm(groups: int, channels: int, eps: float) -> nn.Module:
-    """The channels-last Triton GroupNorm (imnet.kernels); it runs native GroupNorm math on the CPU."""
+    """The channels-last Triton GroupNorm (imnet.kernels), on every CUDA GPU (any_gpu); it runs native
+    GroupNorm math on the CPU."""
     if not kernels.triton_available():
         raise RuntimeError("norm impl 'triton' needs Triton, which does not import here; "
                            "install it or use impl 'auto' (model.gn_impl=auto) to fall back to native")
-    return kernels.ChannelsLastGroupNorm(groups, channels, eps=eps)
+    return kernels.ChannelsLastGroupNorm(groups, channels, eps=eps, any_gpu=True)
 
 
 def _auto_group_norm(groups: int, channels: int, eps: float) -> nn.Module:
-    """triton where Triton imports (its module still takes the native path for CPU tensors), else
-    native. The device is not known here; ChannelsLastGroupNorm decides per input in forward."""
+    """triton where Triton imports (its module still takes the native path for CPU tensors and on
+    GPUs Triton does not support), else native. The device is not known here; ChannelsLastGroupNorm
+    decides per input in forward."""
     if kernels.triton_available():
         return kernels.ChannelsLastGroupNorm(groups, channels, eps=eps)
     return _native_group_norm(groups, channels, eps)

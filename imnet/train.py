@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from imnet import checkpoint, config, dist, engine, models, schedule
+from imnet import checkpoint, config, dist, engine, kernels, models, schedule
 from imnet import data as data_mod
 from imnet.evaluate import evaluate
 from imnet.log import Logger
@@ -101,6 +101,8 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
     log = Logger(run_dir, d.is_main, progress=cfg.log.progress, total=total, initial=step)
     log.write_run_info(config.to_yaml(cfg), {"world": d.world, "launcher": d.launcher, "device": str(d.device),
                                              "global_batch": global_batch, "peak_lr": peak, "steps": total})
+    if note := kernels.gpu_note(eng.module, d.device):  # a GPU Triton does not support: which GroupNorm runs
+        log.print(note)
     if resume_path:
         log.print(f"resumed from {resume_path} at step {step} (epoch {epoch}, step {pos} of {spe})")
         changed = trajectory_changes(state["config"], config.to_dict(cfg), state.get("world"), d.world)

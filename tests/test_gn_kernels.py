@@ -20,6 +20,7 @@ through the interpreter. imnet.kernels decorates its kernels on first use in eac
 matter who imported imnet.norm / imnet.kernels first.
 """
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -219,6 +220,62 @@ def test_module_uses_the_kernels_for_channels_last_and_falls_back_otherwise(monk
     monkeypatch.delenv("TRITON_INTERPRET")  # plain CPU: the reference path, even channels-last
     assert not kernel_applies(_cl(x))
     assert type(m(_cl(x)).grad_fn).__name__ == "NativeGroupNormBackward0"
+
+
+def test_auto_leaves_gpus_triton_does_not_support_to_native_and_says_so(monkeypatch):
+    """A fake CUDA tensor (FakeTensorMode: no GPU needed) on a GPU whose capability and build are
+    patched: auto runs the kernels from compute capability 8.0 on NVIDIA, native below and on ROCm;
+    gn_impl=triton (any_gpu) runs them everywhere; the run's log says which."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gpu = {"cap": (7, 0), "name": "Tesla V100-SXM2-32GB"}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["cap"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu["name"])
+    dev = torch.device("cuda", 0)
+    auto = nn.Sequential(norm.make("gn", 64, impl="auto"), norm.make("gn", 64, impl="auto"))
+    forced = nn.Sequential(norm.make("gn", 64, impl="triton"))
+    with FakeTensorMode():
+        x = _cl(torch.empty(2, 64, 7, 7, device="cuda", dtype=torch.bfloat16))
+
+    def applies():
+        monkeypatch.setattr(kernels, "_gpu_ok", {})   # the per-device answer is cached
+        return kernel_applies(x), kernel_applies(x, any_gpu=True)
+
+    assert applies() == (False, True)
+    assert kernels.gpu_note(auto, dev) == (
+        "model.gn_impl=auto: Tesla V100-SXM2-32GB has compute capability 7.0; Triton supports NVIDIA "
+        "GPUs of 8.0 and newer, so GroupNorm is PyTorch's (model.gn_impl=triton runs the kernels anyway)")
+    assert kernels.gpu_note(forced, dev) == (
+        "warning: model.gn_impl=triton: Tesla V100-SXM2-32GB has compute capability 7.0; Triton supports "
+        "NVIDIA GPUs of 8.0 and newer; the Triton kernels run anyway (bench/gn_gpu_check.py checks them on this GPU)")
+    assert kernels.gpu_note(nn.Sequential(norm.make("gn", 64, impl="native")), dev) is None
+    assert kernels.gpu_note(auto, torch.device("cpu")) is None
+    gpu.update(cap=(8, 0), name="NVIDIA A100-SXM4-80GB")
+    assert applies() == (True, True)
+    assert kernels.gpu_note(auto, dev) is None and kernels.gpu_note(forced, dev) is None
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    assert applies() == (False, True)
+    assert kernels.gpu_unsupported(dev) == ("NVIDIA A100-SXM4-80GB is a ROCm GPU; imnet's GroupNorm "
+                                            "kernels are checked on NVIDIA GPUs only")
+    seen = []   # what each module's forward asks kernel_applies
+    monkeypatch.setattr(kernels, "kernel_applies", lambda t, any_gpu=False: seen.append(any_gpu) or False)
+    for m in (auto[0], forced[0]):
+        m(torch.randn(1, 64, 2, 2))
+    assert seen == [False, True]
+
+
+def test_launches_switch_to_the_gpu_of_the_input_when_it_is_not_the_current_one(monkeypatch):
+    """Triton launches on the current CUDA device: the kernels of a tensor on cuda:1 while cuda:0 is
+    current go through torch.cuda.device(cuda:1) (bench/gn_gpu_check.py runs this on 2 GPUs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with FakeTensorMode():
+        x0, x1 = (torch.empty(1, 8, 2, 2, device=f"cuda:{i}") for i in (0, 1))
+    ctx = gnk._on_device_of(x1)
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    for x in (x0, torch.empty(1, 8, 2, 2)):
+        assert isinstance(gnk._on_device_of(x), contextlib.nullcontext)
 
 
 def test_bad_arguments():

@@ -6,7 +6,9 @@
 
 Where its forward runs:
   - the Triton kernels (imnet/kernels/group_norm.py, imported on first use) for a CUDA tensor that
-    is 4-D, channels-last and float32/bf16/fp16, when Triton imports; also for such a CPU tensor
+    is 4-D, channels-last and float32/bf16/fp16, when Triton imports, on an NVIDIA GPU of compute
+    capability 8.0 or newer (the GPUs Triton's README supports; the kernels are checked on an H100)
+    or on any CUDA device with any_gpu=True (model.gn_impl=triton); also for such a CPU tensor
     when TRITON_INTERPRET=1 (Triton's CPU interpreter: how the CPU tests run the real kernels);
     in both cases only for samples (C x H x W) of at most 2**31 - 1 elements (32-bit offsets);
   - otherwise the PyTorch reference (imnet/kernels/reference.py: F.group_norm, then the add and ReLU),
@@ -24,7 +26,7 @@ from torch import nn
 
 from imnet.kernels import reference
 
-__all__ = ["ChannelsLastGroupNorm", "kernel_applies", "triton_available"]
+__all__ = ["ChannelsLastGroupNorm", "gpu_unsupported", "kernel_applies", "triton_available"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,17 +51,58 @@ def _interpret() -> bool:
 
 
 MAX_SAMPLE_ELEMENTS = 2**31 - 1   # the kernels index within a sample with 32-bit integers
+MIN_CAPABILITY = (8, 0)           # Triton's README: "NVIDIA GPUs (Compute Capability 8.0+)"
 
 
-def kernel_applies(x: torch.Tensor) -> bool:
-    """True when ChannelsLastGroupNorm would run the Triton kernels on x (see the module docstring)."""
+def gpu_unsupported(device: torch.device) -> str | None:
+    """Why the kernels do not run by default on the CUDA device `device` (what it is, and why), or
+    None where they do: ROCm builds of torch (the kernels are checked on NVIDIA GPUs only) and NVIDIA
+    GPUs below compute capability 8.0 (V100, T4, RTX 20xx), which Triton does not support."""
+    name = torch.cuda.get_device_name(device)
+    if torch.version.hip is not None:
+        return f"{name} is a ROCm GPU; imnet's GroupNorm kernels are checked on NVIDIA GPUs only"
+    cap = tuple(torch.cuda.get_device_capability(device))
+    if cap < MIN_CAPABILITY:
+        return (f"{name} has compute capability {cap[0]}.{cap[1]}; Triton supports NVIDIA GPUs of "
+                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} and newer")
+    return None
+
+
+_gpu_ok: dict[int, bool] = {}   # CUDA device index -> gpu_unsupported(device) is None
+
+
+def _on_supported_gpu(device: torch.device) -> bool:
+    ok = _gpu_ok.get(device.index)
+    if ok is None:
+        ok = _gpu_ok[device.index] = gpu_unsupported(device) is None
+    return ok
+
+
+def kernel_applies(x: torch.Tensor, any_gpu: bool = False) -> bool:
+    """True when ChannelsLastGroupNorm would run the Triton kernels on x (see the module docstring);
+    any_gpu: on every CUDA device, not only the supported ones (gpu_unsupported)."""
     if x.dim() != 4 or x.dtype not in _DTYPES or not x.is_contiguous(memory_format=torch.channels_last):
         return False
     if x.shape[1] * x.shape[2] * x.shape[3] > MAX_SAMPLE_ELEMENTS:
         return False
     if x.is_cuda:
-        return triton_available()
+        return triton_available() and (any_gpu or _on_supported_gpu(x.device))
     return x.device.type == "cpu" and _interpret() and triton_available()
+
+
+def gpu_note(model: nn.Module, device: torch.device) -> str | None:
+    """A line for the run's log where `model` has ChannelsLastGroupNorm layers and `device` is a GPU
+    on which they do not run the kernels by default (gpu_unsupported): which implementation runs."""
+    layers = [m for m in model.modules() if isinstance(m, ChannelsLastGroupNorm)]
+    if device.type != "cuda" or not layers:
+        return None
+    why = gpu_unsupported(device)
+    if why is None:
+        return None
+    if any(m.any_gpu for m in layers):
+        return (f"warning: model.gn_impl=triton: {why}; the Triton kernels run anyway "
+                "(bench/gn_gpu_check.py checks them on this GPU)")
+    return f"model.gn_impl=auto: {why}, so GroupNorm is PyTorch's (model.gn_impl=triton runs the kernels anyway)"
 
 
 _group_norm_checked = None
@@ -79,17 +122,18 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
 
     A subclass of nn.GroupNorm: same parameters and state-dict keys, so checkpoints load into either
     and imnet.norm.is_norm / split_params see it. `act` is a plain attribute; the ResNets set it to
-    "relu" where a norm is followed by a ReLU (imnet.models.resnet.fuse_norm_act).
+    "relu" where a norm is followed by a ReLU (imnet.models.resnet.fuse_norm_act). any_gpu: run the
+    kernels on every CUDA GPU, also those gpu_unsupported() names (model.gn_impl=triton).
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 act: str | None = None, device=None, dtype=None) -> None:
+                 act: str | None = None, any_gpu: bool = False, device=None, dtype=None) -> None:
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         reference.check_act(act, None)
-        self.act = act
+        self.act, self.any_gpu = act, any_gpu
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if kernel_applies(x):
+        if kernel_applies(x, self.any_gpu):
             return _kernel()(x, self.num_groups, self.weight, self.bias, self.eps, self.act, residual)
         return reference.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.act, residual)
 

@@ -81,6 +81,7 @@ functions decorated on first use, once per mode (`_jit()`), so what TRITON_INTER
 kernel runs decides, whatever was imported before.
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -730,6 +731,24 @@ class _Replay:
         pass
 
 
+def _on_device_of(x: torch.Tensor):
+    """The context to launch x's kernels in: Triton (its JIT, and _Replay) launches on the current CUDA
+    device and stream, so for x on another GPU (cuda:1 while cuda:0 is current) that device is made
+    current for the launches; a no-op otherwise (the trainer sets each rank's device)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def _issue(call: _Call, x: torch.Tensor, tensors: dict) -> None:
+    """Launches the call's steps in order, each with its tensors (tensors[step name]), on x's device."""
+    with _on_device_of(x):
+        launch = _launcher(call)
+        for step in call.steps:
+            launch(step, *tensors[step.name])
+        launch.done()
+
+
 def _fwd_call(n, c, hw, groups, eps, act, sms, rows_per_chunk) -> _Call:
     p = plan(n, c, hw, groups, sms, rows_per_chunk)
     cpg, cblocks = c // groups, _cdiv(c, p.channels)
@@ -792,10 +811,7 @@ def _forward(x, weight, bias, groups, eps, act, residual, rows_per_chunk):
     y = torch.empty_like(x, memory_format=torch.channels_last)
     apply = (x, y, x if residual is None else residual, stats, weight, bias)
     tensors = {"_fwd_stats": (x, stats), "_fwd_combine": (stats,), "_fwd_apply": apply, "_fwd_local": apply}
-    launch = _launcher(call)
-    for step in call.steps:
-        launch(step, *tensors[step.name])
-    launch.done()
+    _issue(call, x, tensors)
     return y, stats, call, key
 
 
@@ -825,10 +841,7 @@ def _backward(dy, x, y, weight, bias, stats, groups, act, fwd: _Call, fwd_key, n
                "_bwd_combine": (part, stats, weight, weight if dgamma is None else dgamma, bias if dbeta is None else dbeta),
                # With the residual epilogue, dr is the masked dy: read it instead of dy and y.
                "_bwd_apply": (x, dr if residual else dy, dx, stats, part, weight, bias)}
-    launch = _launcher(call)
-    for step in call.steps:
-        launch(step, *tensors[step.name])
-    launch.done()
+    _issue(call, x, tensors)
     return dx, dgamma, dbeta, (dr if need_dr else None)
 
 
