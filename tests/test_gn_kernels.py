@@ -231,6 +231,7 @@ def test_auto_leaves_gpus_triton_does_not_support_to_native_and_says_so(monkeypa
     gpu = {"cap": (7, 0), "name": "Tesla V100-SXM2-32GB"}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["cap"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu["name"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     dev = torch.device("cuda", 0)
     auto = nn.Sequential(norm.make("gn", 64, impl="auto"), norm.make("gn", 64, impl="auto"))
     forced = nn.Sequential(norm.make("gn", 64, impl="triton"))
@@ -238,7 +239,7 @@ def test_auto_leaves_gpus_triton_does_not_support_to_native_and_says_so(monkeypa
         x = _cl(torch.empty(2, 64, 7, 7, device="cuda", dtype=torch.bfloat16))
 
     def applies():
-        monkeypatch.setattr(kernels, "_gpu_ok", {})   # the per-device answer is cached
+        monkeypatch.setattr(kernels, "_unsupported", {})   # the per-device answer is cached
         return kernel_applies(x), kernel_applies(x, any_gpu=True)
 
     assert applies() == (False, True)
@@ -249,14 +250,16 @@ def test_auto_leaves_gpus_triton_does_not_support_to_native_and_says_so(monkeypa
         "warning: model.gn_impl=triton: Tesla V100-SXM2-32GB has compute capability 7.0; Triton supports "
         "NVIDIA GPUs of 8.0 and newer; the Triton kernels run anyway (bench/gn_gpu_check.py checks them on this GPU)")
     assert kernels.gpu_note(nn.Sequential(norm.make("gn", 64, impl="native")), dev) is None
+    gpu.update(cap=(9, 0))
+    assert kernels.gpu_note(auto, dev) is not None   # asked once per device, like kernel_applies
     assert kernels.gpu_note(auto, torch.device("cpu")) is None
     gpu.update(cap=(8, 0), name="NVIDIA A100-SXM4-80GB")
     assert applies() == (True, True)
     assert kernels.gpu_note(auto, dev) is None and kernels.gpu_note(forced, dev) is None
     monkeypatch.setattr(torch.version, "hip", "6.2.0")
     assert applies() == (False, True)
-    assert kernels.gpu_unsupported(dev) == ("NVIDIA A100-SXM4-80GB is a ROCm GPU; imnet's GroupNorm "
-                                            "kernels are checked on NVIDIA GPUs only")
+    assert kernels.gpu_unsupported(torch.device("cuda")) == (
+        "NVIDIA A100-SXM4-80GB is a ROCm GPU; imnet's GroupNorm kernels are checked on NVIDIA GPUs only")
     seen = []   # what each module's forward asks kernel_applies
     monkeypatch.setattr(kernels, "kernel_applies", lambda t, any_gpu=False: seen.append(any_gpu) or False)
     for m in (auto[0], forced[0]):

@@ -54,28 +54,25 @@ MAX_SAMPLE_ELEMENTS = 2**31 - 1   # the kernels index within a sample with 32-bi
 MIN_CAPABILITY = (8, 0)           # Triton's README: "NVIDIA GPUs (Compute Capability 8.0+)"
 
 
+_unsupported: dict[int, str | None] = {}   # CUDA device index -> gpu_unsupported(it), asked once
+
+
 def gpu_unsupported(device: torch.device) -> str | None:
     """Why the kernels do not run by default on the CUDA device `device` (what it is, and why), or
     None where they do: ROCm builds of torch (the kernels are checked on NVIDIA GPUs only) and NVIDIA
     GPUs below compute capability 8.0 (V100, T4, RTX 20xx), which Triton does not support."""
-    name = torch.cuda.get_device_name(device)
-    if torch.version.hip is not None:
-        return f"{name} is a ROCm GPU; imnet's GroupNorm kernels are checked on NVIDIA GPUs only"
-    cap = tuple(torch.cuda.get_device_capability(device))
-    if cap < MIN_CAPABILITY:
-        return (f"{name} has compute capability {cap[0]}.{cap[1]}; Triton supports NVIDIA GPUs of "
-                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} and newer")
-    return None
-
-
-_gpu_ok: dict[int, bool] = {}   # CUDA device index -> gpu_unsupported(device) is None
-
-
-def _on_supported_gpu(device: torch.device) -> bool:
-    ok = _gpu_ok.get(device.index)
-    if ok is None:
-        ok = _gpu_ok[device.index] = gpu_unsupported(device) is None
-    return ok
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _unsupported:
+        name = torch.cuda.get_device_name(index)
+        cap = tuple(torch.cuda.get_device_capability(index))
+        if torch.version.hip is not None:
+            _unsupported[index] = f"{name} is a ROCm GPU; imnet's GroupNorm kernels are checked on NVIDIA GPUs only"
+        elif cap < MIN_CAPABILITY:
+            _unsupported[index] = (f"{name} has compute capability {cap[0]}.{cap[1]}; Triton supports NVIDIA "
+                                   f"GPUs of {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} and newer")
+        else:
+            _unsupported[index] = None
+    return _unsupported[index]
 
 
 def kernel_applies(x: torch.Tensor, any_gpu: bool = False) -> bool:
@@ -86,7 +83,7 @@ def kernel_applies(x: torch.Tensor, any_gpu: bool = False) -> bool:
     if x.shape[1] * x.shape[2] * x.shape[3] > MAX_SAMPLE_ELEMENTS:
         return False
     if x.is_cuda:
-        return triton_available() and (any_gpu or _on_supported_gpu(x.device))
+        return triton_available() and (any_gpu or gpu_unsupported(x.device) is None)
     return x.device.type == "cpu" and _interpret() and triton_available()
 
 
