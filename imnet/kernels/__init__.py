@@ -90,8 +90,10 @@ def kernel_applies(x: torch.Tensor, any_gpu: bool = False) -> bool:
 def gpu_note(model: nn.Module, device: torch.device) -> str | None:
     """A line for the run's log where `model` has ChannelsLastGroupNorm layers and `device` is a GPU
     on which they do not run the kernels by default (gpu_unsupported): which implementation runs."""
+    if device.type != "cuda":
+        return None
     layers = [m for m in model.modules() if isinstance(m, ChannelsLastGroupNorm)]
-    if device.type != "cuda" or not layers:
+    if not layers:
         return None
     why = gpu_unsupported(device)
     if why is None:
