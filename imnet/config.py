@@ -116,8 +116,15 @@ class CkptCfg(Section):
 
 
 class LogCfg(Section):
-    every_steps: int = Field(10, gt=0)  # train metrics to metrics.jsonl every N optimizer steps
+    every_steps: int = Field(10, gt=0)  # train metrics to every sink every N optimizer steps
     progress: bool = True               # tqdm bar on rank 0
+    # W&B (pip install ".[wandb]"): off | offline (files in runs/<name>/wandb/, `wandb sync` later) | online.
+    # WANDB_MODE and the other WANDB_* variables keep their meaning (WANDB_MODE=disabled wins).
+    wandb: Literal["off", "offline", "online"] = "off"
+    wandb_project: str = "imnet"
+    wandb_entity: Optional[str] = None
+    wandb_tags: tuple[str, ...] = ()    # added to the tags imnet sets (norm, images per GPU, dataset, ...)
+    tensorboard: bool = False           # event files in runs/<name>/tb/ (pip install ".[tensorboard]")
 
 
 class Config(Section):

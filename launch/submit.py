@@ -20,7 +20,6 @@ pickle), dumps it as the job's pickle, counts a timeout against --max-requeues a
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import re
@@ -31,6 +30,7 @@ import submitit
 import yaml
 
 from imnet import config
+from imnet.sweep import load_sweep, resolve_points
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*$")  # partition, account, qos
 
@@ -93,40 +93,13 @@ def minutes(text: str) -> int:
     return total
 
 
-def load_sweep(path: str) -> tuple[str, str | None, dict]:
-    """A sweep file -> (name, base config or None, grid {dotted key: [values]})."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--sweep: no such file {path!r}")
-    with open(path) as f:
-        doc = yaml.safe_load(f) or {}
-    if not isinstance(doc, dict) or set(doc) - {"name", "base", "grid"} or not isinstance(doc.get("grid"), dict) \
-            or not doc["grid"]:
-        raise ValueError(f"--sweep {path}: expected a mapping with `grid: {{key.sub: [values]}}` and optional "
-                         f"`base: CONFIG`, `name: NAME` (got keys {sorted(doc) if isinstance(doc, dict) else doc})")
-    grid = {k: v if isinstance(v, list) else [v] for k, v in doc["grid"].items()}
-    for k, v in grid.items():
-        if not v:
-            raise ValueError(f"--sweep {path}: grid.{k} has no values")
-        if k == "run.name":
-            raise ValueError(f"--sweep {path}: grid.run.name: each point's run folder is named after its values")
-    base = doc.get("base")
-    if base and not os.path.isfile(base) and os.path.isfile(os.path.join(os.path.dirname(path), base)):
-        base = os.path.join(os.path.dirname(path), base)
-    return str(doc.get("name") or os.path.splitext(os.path.basename(path))[0]), base, grid
-
-
-def point_name(point: dict) -> str:
-    """{"model.norm": "gn", "data.batch_size": 2} -> "norm=gn,batch_size=2" (full keys where short ones clash)."""
-    short = [k.rsplit(".", 1)[-1] for k in point]
-    keys = [s if short.count(s) == 1 else k for s, k in zip(short, point)]
-    fmt = lambda v: json.dumps(v) if isinstance(v, (bool, list, dict)) or v is None else str(v)  # noqa: E731
-    return ",".join(f"{k}={fmt(v)}".replace(os.sep, "_") for k, v in zip(keys, point.values()))
-
-
 def resolve(path: str | None, overrides: list[str]) -> dict:
-    """Validated config -> plain tree with the run folder and data root as absolute paths (jobs may
-    start in another working directory)."""
-    tree = config.to_dict(config.load(path, overrides))
+    """Validated config -> plain tree with absolute paths."""
+    return absolute(config.to_dict(config.load(path, overrides)))
+
+
+def absolute(tree: dict) -> dict:
+    """The run folder and data root as absolute paths (jobs may start in another working directory)."""
     tree["run"]["out_dir"] = os.path.abspath(tree["run"]["out_dir"])
     tree["data"]["root"] = os.path.abspath(tree["data"]["root"])
     if tree["ckpt"]["resume"] not in ("auto", "never"):
@@ -193,19 +166,9 @@ def parse(argv):
         if not a.sweep:
             a.name, runs = None, [(None, resolve(a.config, a.overrides))]
         else:
-            a.name, base, grid = load_sweep(a.sweep)
-            check(not (base and a.config), f"--config {a.config} and the sweep's base: {base}: give one")
-            clash = sorted({o.partition("=")[0] for o in a.overrides} & (set(grid) | {"run.name"}))
-            check(not clash, f"--sweep {a.sweep}: {', '.join(clash)} set by the sweep, not also on the command line")
-            runs = []
-            for values in itertools.product(*grid.values()):
-                point = dict(zip(grid, values))
-                label = point_name(point)
-                more = [f"{k}={json.dumps(v)}" for k, v in point.items()] + [f"run.name={json.dumps(a.name + '/' + label)}"]
-                try:
-                    runs.append((point, resolve(base or a.config, a.overrides + more)))
-                except config.ConfigError as e:
-                    raise config.ConfigError(f"sweep point {label}: {e}") from None
+            sw = load_sweep(a.sweep)
+            a.name = sw.name
+            runs = [(point, absolute(config.to_dict(cfg))) for point, cfg in resolve_points(sw, a.config, a.overrides)]
     except (config.ConfigError, ValueError) as e:
         p.error(str(e))
     return a, runs

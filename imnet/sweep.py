@@ -1,0 +1,188 @@
+"""Run every point of a sweep on this machine, one after another, each through torchrun:
+
+    python -m imnet.sweep configs/sweeps/digits_batch.yaml --nproc 2
+    python -m imnet.sweep FILE --dry-run                       # list the points and their commands
+    python -m imnet.sweep FILE --only model.norm=gn [key.sub=value ...]
+
+A sweep file (the same files `launch/submit.py --sweep` takes) holds `name`, an optional `base`
+config (a path relative to the sweep file works) and `grid: {key.sub: [values]}`; every
+combination is a point, run in `<run.out_dir>/<name>/<point>` (e.g. `norm=gn,batch_size=2,seed=0`).
+Keys given on the command line apply to every point.
+
+Resumable: a point whose run ended (its run folder holds `DONE`, written by the trainer at the end
+of the run) is skipped; a point that was killed resumes from its checkpoint (ckpt.resume=auto);
+a point that fails is reported and the next one runs. Exit status 0 only when every point is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from imnet import config
+
+DONE = "DONE"  # in a run folder: the run reached its last step (written by train.fit)
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: str | None      # the base config file, or None
+    grid: dict            # {dotted key: [values]}
+    path: str
+
+    def points(self) -> list[dict]:
+        """Every combination of the grid's values, in the file's key order (the last key varies fastest)."""
+        return [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
+
+
+def load_sweep(path: str) -> Sweep:
+    """A sweep file -> Sweep; any problem is a ValueError naming the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--sweep: no such file {path!r}")
+    with open(path) as f:
+        try:
+            doc = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--sweep {path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict) or set(doc) - {"name", "base", "grid"} or not isinstance(doc.get("grid"), dict) \
+            or not doc["grid"]:
+        raise ValueError(f"--sweep {path}: expected a mapping with `grid: {{key.sub: [values]}}` and optional "
+                         f"`base: CONFIG`, `name: NAME` (got keys {sorted(doc) if isinstance(doc, dict) else doc})")
+    grid = {k: v if isinstance(v, list) else [v] for k, v in doc["grid"].items()}
+    for k, v in grid.items():
+        if not v:
+            raise ValueError(f"--sweep {path}: grid.{k} has no values")
+        if k == "run.name":
+            raise ValueError(f"--sweep {path}: grid.run.name: each point's run folder is named after its values")
+    base = doc.get("base")
+    if base and not os.path.isfile(base) and os.path.isfile(os.path.join(os.path.dirname(path), base)):
+        base = os.path.join(os.path.dirname(path), base)
+    return Sweep(str(doc.get("name") or os.path.splitext(os.path.basename(path))[0]), base, grid, path)
+
+
+def point_name(point: dict) -> str:
+    """{"model.norm": "gn", "data.batch_size": 2} -> "norm=gn,batch_size=2" (full keys where short ones clash)."""
+    short = [k.rsplit(".", 1)[-1] for k in point]
+    keys = [s if short.count(s) == 1 else k for s, k in zip(short, point)]
+    fmt = lambda v: json.dumps(v) if isinstance(v, (bool, list, dict)) or v is None else str(v)  # noqa: E731
+    return ",".join(f"{k}={fmt(v)}".replace(os.sep, "_") for k, v in zip(keys, point.values()))
+
+
+def point_overrides(sweep: Sweep, point: dict) -> list[str]:
+    """The dotted overrides that make `point` a run of `sweep` (its values and its run.name)."""
+    return [f"{k}={json.dumps(v)}" for k, v in point.items()] + \
+        [f"run.name={json.dumps(sweep.name + '/' + point_name(point))}"]
+
+
+def resolve_points(sweep: Sweep, config_path: str | None, overrides: list[str]) -> list[tuple[dict, config.Config]]:
+    """[(point, validated Config)] for every point; a bad point is a ConfigError naming it."""
+    clash = sorted({o.partition("=")[0] for o in overrides} & (set(sweep.grid) | {"run.name"}))
+    if clash:
+        raise ValueError(f"--sweep {sweep.path}: {', '.join(clash)} set by the sweep, not also on the command line")
+    if sweep.base and config_path:
+        raise ValueError(f"--config {config_path} and the sweep's base: {sweep.base}: give one")
+    out = []
+    for point in sweep.points():
+        try:
+            out.append((point, config.load(sweep.base or config_path, overrides + point_overrides(sweep, point))))
+        except config.ConfigError as e:
+            raise config.ConfigError(f"sweep point {point_name(point)}: {e}") from None
+    return out
+
+
+def matches(point: dict, only: list[str]) -> bool:
+    """--only key=value filters (YAML-parsed values): a point matches when every filter holds."""
+    for item in only:
+        key, _, raw = item.partition("=")
+        if key not in point:
+            raise ValueError(f"--only {item}: {key} is not a grid key (grid: {', '.join(point)})")
+        if point[key] != config.parse_overrides([f"x={raw}"])["x"]:
+            return False
+    return True
+
+
+def run_dir(cfg: config.Config) -> str:
+    return os.path.join(cfg.run.out_dir, cfg.run.name)
+
+
+def is_done(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, DONE))
+
+
+def command(nproc: int, config_path: str | None, overrides: list[str]) -> list[str]:
+    """torchrun on this machine (a free port from the store: several sweeps can share a host)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "imnet.train"]
+    if config_path:
+        cmd += ["--config", config_path]
+    return cmd + overrides
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="imnet.sweep", description="Run every point of a sweep on this machine.")
+    p.add_argument("sweep", help="sweep YAML: name, base, grid: {key.sub: [values]}")
+    p.add_argument("--config", help="base config when the sweep file names none")
+    p.add_argument("--nproc", type=int, default=1, help="processes per point (torchrun --nproc_per_node)")
+    p.add_argument("--only", action="append", default=[], metavar="key=value",
+                   help="run only the points with this grid value (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the points, their state and commands; run nothing")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every point")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.nproc < 1:
+        p.error(f"--nproc must be at least 1 (got {a.nproc})")
+    try:
+        sweep = load_sweep(a.sweep)
+        points = [(pt, cfg) for pt, cfg in resolve_points(sweep, a.config, a.overrides) if matches(pt, a.only)]
+    except (config.ConfigError, ValueError) as e:
+        p.error(str(e))
+    if not points:
+        p.error(f"--only {' '.join(a.only)}: no point of {sweep.path} matches")
+    base = sweep.base or a.config
+    total = len(points)
+    print(f"sweep {sweep.name}: {total} points, {a.nproc} process(es) each, run folders in "
+          f"{os.path.join(points[0][1].run.out_dir, sweep.name)}", flush=True)
+    done, failed, t_sweep = [], [], time.monotonic()
+    for i, (pt, cfg) in enumerate(points, 1):
+        name, folder = point_name(pt), run_dir(cfg)
+        cmd = command(a.nproc, base, a.overrides + point_overrides(sweep, pt))
+        if is_done(folder):
+            print(f"[{i}/{total}] {name}: done already, skipped", flush=True)
+            done.append(name)
+            continue
+        state = "resuming" if os.path.isdir(os.path.join(folder, "checkpoints")) else "starting"
+        if a.dry_run:
+            print(f"[{i}/{total}] {name}: would run ({state}): {' '.join(cmd)}", flush=True)
+            continue
+        print(f"[{i}/{total}] {name}: {state}", flush=True)
+        t0 = time.monotonic()
+        rc = subprocess.run(cmd).returncode
+        took = time.monotonic() - t0
+        if rc == 0 and is_done(folder):
+            print(f"[{i}/{total}] {name}: done in {took:.0f} s", flush=True)
+            done.append(name)
+        else:
+            why = f"exit status {rc}" if rc else "stopped before its last step"
+            print(f"[{i}/{total}] {name}: failed ({why}) after {took:.0f} s; see {folder}", flush=True)
+            failed.append(name)
+            if rc < 0 or rc in (130, 137, 143):  # the sweep itself was interrupted: stop here
+                break
+    if a.dry_run:
+        return 0
+    left = total - len(done) - len(failed)
+    print(f"sweep {sweep.name}: {len(done)} of {total} points done, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else "") + (f", {left} not run" if left else "")
+          + f", {time.monotonic() - t_sweep:.0f} s", flush=True)
+    return 0 if len(done) == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
