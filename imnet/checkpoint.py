@@ -29,7 +29,7 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     folder = os.path.dirname(path) or "."
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
@@ -77,8 +77,8 @@ class Checkpointer:
         if not self.is_main:
             return None
         path = self.path_for(step)
-        _atomic_write(path, lambda f: torch.save(state, f))
-        _atomic_write(os.path.join(self.folder, POINTER), lambda f: f.write(os.path.basename(path).encode()))
+        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(os.path.join(self.folder, POINTER), lambda f: f.write(os.path.basename(path).encode()))
         for old in self.saved()[:-self.keep]:
             if old != path:
                 os.unlink(old)

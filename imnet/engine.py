@@ -280,7 +280,7 @@ class DeepSpeedEngine:
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         if run_dir and d.is_main:  # the resolved DeepSpeed JSON, next to config.yaml
             os.makedirs(run_dir, exist_ok=True)
-            checkpoint._atomic_write(os.path.join(run_dir, "deepspeed.json"),
+            checkpoint.atomic_write(os.path.join(run_dir, "deepspeed.json"),
                                      lambda f: f.write(json.dumps(self.ds_config, indent=2).encode()))
 
     def train_step(self, micro_batches: list, lr: float, stop_requested: bool = False) -> StepOut:

@@ -5,8 +5,9 @@
     python -m imnet.sweep FILE --only model.norm=gn [key.sub=value ...]
 
 A sweep file (the same files `launch/submit.py --sweep` takes) holds `name`, an optional `base`
-config (a path relative to the sweep file works) and `grid: {key.sub: [values]}`; every
-combination is a point, run in `<run.out_dir>/<name>/<point>` (e.g. `norm=gn,batch_size=2,seed=0`).
+config (a path relative to the sweep file works), optionally `set: {key.sub: value}` (applied to
+every point), `grid: {key.sub: [values]}` and optionally `exclude: [{key.sub: value, ...}]`
+(combinations left out); every other combination is a point, run in `<run.out_dir>/<name>/<point>` (e.g. `norm=gn,batch_size=2,seed=0`).
 Keys given on the command line apply to every point.
 
 Resumable: a point whose run ended (its run folder holds `DONE`, written by the trainer at the end
@@ -20,16 +21,16 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
 from imnet import config
-
-DONE = "DONE"  # in a run folder: the run reached its last step (written by train.fit)
+from imnet.log import DONE
 
 
 @dataclass
@@ -38,10 +39,14 @@ class Sweep:
     base: str | None      # the base config file, or None
     grid: dict            # {dotted key: [values]}
     path: str
+    exclude: list = field(default_factory=list)  # [{dotted key: value}]: a point matching one is left out
+    fixed: dict = field(default_factory=dict)    # `set:` {dotted key: value} for every point
 
     def points(self) -> list[dict]:
-        """Every combination of the grid's values, in the file's key order (the last key varies fastest)."""
-        return [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
+        """Every combination of the grid's values, in the file's key order (the last key varies fastest),
+        less the excluded ones."""
+        points = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
+        return [p for p in points if not any(all(p[k] == v for k, v in ex.items()) for ex in self.exclude)]
 
 
 def load_sweep(path: str) -> Sweep:
@@ -53,20 +58,31 @@ def load_sweep(path: str) -> Sweep:
             doc = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"--sweep {path}: not valid YAML: {e}") from None
-    if not isinstance(doc, dict) or set(doc) - {"name", "base", "grid"} or not isinstance(doc.get("grid"), dict) \
-            or not doc["grid"]:
+    if not isinstance(doc, dict) or set(doc) - {"name", "base", "set", "grid", "exclude"} \
+            or not isinstance(doc.get("grid"), dict) or not doc["grid"]:
         raise ValueError(f"--sweep {path}: expected a mapping with `grid: {{key.sub: [values]}}` and optional "
-                         f"`base: CONFIG`, `name: NAME` (got keys {sorted(doc) if isinstance(doc, dict) else doc})")
+                         f"`base: CONFIG`, `name: NAME`, `set: {{key.sub: value}}`, `exclude: [{{key.sub: value}}]` "
+                         f"(got keys {sorted(doc) if isinstance(doc, dict) else doc})")
     grid = {k: v if isinstance(v, list) else [v] for k, v in doc["grid"].items()}
     for k, v in grid.items():
         if not v:
             raise ValueError(f"--sweep {path}: grid.{k} has no values")
         if k == "run.name":
             raise ValueError(f"--sweep {path}: grid.run.name: each point's run folder is named after its values")
+    exclude = doc.get("exclude") or []
+    for ex in exclude if isinstance(exclude, list) else [exclude]:
+        if not isinstance(ex, dict) or not ex or set(ex) - set(grid) or any(v not in grid[k] for k, v in ex.items()):
+            raise ValueError(f"--sweep {path}: exclude: {ex!r} is not a mapping of grid keys to grid values")
+    fixed = doc.get("set") or {}
+    if not isinstance(fixed, dict) or set(fixed) & set(grid):
+        raise ValueError(f"--sweep {path}: set: must map keys that are not grid keys to one value each")
     base = doc.get("base")
     if base and not os.path.isfile(base) and os.path.isfile(os.path.join(os.path.dirname(path), base)):
         base = os.path.join(os.path.dirname(path), base)
-    return Sweep(str(doc.get("name") or os.path.splitext(os.path.basename(path))[0]), base, grid, path)
+    sw = Sweep(str(doc.get("name") or os.path.splitext(os.path.basename(path))[0]), base, grid, path, exclude, fixed)
+    if not sw.points():
+        raise ValueError(f"--sweep {path}: exclude leaves no point")
+    return sw
 
 
 def point_name(point: dict) -> str:
@@ -77,9 +93,11 @@ def point_name(point: dict) -> str:
     return ",".join(f"{k}={fmt(v)}".replace(os.sep, "_") for k, v in zip(keys, point.values()))
 
 
-def point_overrides(sweep: Sweep, point: dict) -> list[str]:
-    """The dotted overrides that make `point` a run of `sweep` (its values and its run.name)."""
-    return [f"{k}={json.dumps(v)}" for k, v in point.items()] + \
+def point_overrides(sweep: Sweep, point: dict, cli: list[str]) -> list[str]:
+    """The dotted overrides that make `point` a run of `sweep`: the sweep's `set:`, then the command
+    line's keys (they win over `set:`), then the point's values and its run.name."""
+    fmt = lambda items: [f"{k}={json.dumps(v)}" for k, v in items]  # noqa: E731
+    return fmt(sweep.fixed.items()) + list(cli) + fmt(point.items()) + \
         [f"run.name={json.dumps(sweep.name + '/' + point_name(point))}"]
 
 
@@ -93,7 +111,7 @@ def resolve_points(sweep: Sweep, config_path: str | None, overrides: list[str]) 
     out = []
     for point in sweep.points():
         try:
-            out.append((point, config.load(sweep.base or config_path, overrides + point_overrides(sweep, point))))
+            out.append((point, config.load(sweep.base or config_path, point_overrides(sweep, point, overrides))))
         except config.ConfigError as e:
             raise config.ConfigError(f"sweep point {point_name(point)}: {e}") from None
     return out
@@ -136,7 +154,7 @@ def main(argv=None) -> int:
                    help="run only the points with this grid value (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list the points, their state and commands; run nothing")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every point")
-    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    a = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # key=value before or after options
     if a.nproc < 1:
         p.error(f"--nproc must be at least 1 (got {a.nproc})")
     try:
@@ -148,19 +166,19 @@ def main(argv=None) -> int:
         p.error(f"--only {' '.join(a.only)}: no point of {sweep.path} matches")
     base = sweep.base or a.config
     total = len(points)
-    print(f"sweep {sweep.name}: {total} points, {a.nproc} process(es) each, run folders in "
+    print(f"sweep {sweep.name}: {total} point{'s' * (total != 1)}, {a.nproc} process(es) each, run folders in "
           f"{os.path.join(points[0][1].run.out_dir, sweep.name)}", flush=True)
     done, failed, t_sweep = [], [], time.monotonic()
     for i, (pt, cfg) in enumerate(points, 1):
         name, folder = point_name(pt), run_dir(cfg)
-        cmd = command(a.nproc, base, a.overrides + point_overrides(sweep, pt))
+        cmd = command(a.nproc, base, point_overrides(sweep, pt, a.overrides))
         if is_done(folder):
             print(f"[{i}/{total}] {name}: done already, skipped", flush=True)
             done.append(name)
             continue
         state = "resuming" if os.path.isdir(os.path.join(folder, "checkpoints")) else "starting"
         if a.dry_run:
-            print(f"[{i}/{total}] {name}: would run ({state}): {' '.join(cmd)}", flush=True)
+            print(f"[{i}/{total}] {name}: would run ({state}): {shlex.join(cmd)}", flush=True)
             continue
         print(f"[{i}/{total}] {name}: {state}", flush=True)
         t0 = time.monotonic()

@@ -8,17 +8,19 @@ checkpoint, mid-epoch, on the same trajectory (ckpt.resume=auto).
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
+import json
 import os
 import signal
 import sys
+import time
 
 import torch
 
 from imnet import checkpoint, config, dist, engine, kernels, models, schedule
 from imnet import data as data_mod
 from imnet.evaluate import evaluate
-from imnet.log import Logger
+from imnet.log import DONE, Logger, SinkError
 
 
 class StopRequest:
@@ -98,9 +100,18 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
         step, epoch, pos, bad_in_row = state["step"], state["epoch"], state["pos"], state["bad_in_row"]
         checkpoint.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
 
-    log = Logger(run_dir, d.is_main, progress=cfg.log.progress, total=total, initial=step)
-    log.write_run_info(config.to_yaml(cfg), {"world": d.world, "launcher": d.launcher, "device": str(d.device),
-                                             "global_batch": global_batch, "peak_lr": peak, "steps": total})
+    log = Logger(run_dir, d.is_main, cfg.log, total=total, initial=step)
+    err = None
+    if d.is_main:
+        _remove(os.path.join(run_dir, DONE))  # training on: not done until this attempt ends
+        try:
+            log.start(config.to_dict(cfg), {"world": d.world, "launcher": d.launcher, "device": str(d.device),
+                                            "global_batch": global_batch, "peak_lr": peak, "steps": total})
+        except SinkError as e:
+            err = str(e)
+    if err := dist.broadcast_object(err):  # every rank stops, not only the one with the sinks
+        log.close(exit_code=1)
+        raise SinkError(err)
     if note := kernels.gpu_note(eng.module, d.device):  # a GPU Triton does not support: which GroupNorm runs
         log.print(note)
     if resume_path:
@@ -133,46 +144,94 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
 
     stop = StopRequest()
     result: dict = {}
-    window_imgs, window_t0, logged_at = 0, None, step
-    while step < total:
-        data.train.sampler.set_epoch(epoch, start_batch=pos * accum)
-        batches = iter(data.train)
-        window_t0 = window_t0 or _now(d.device)
-        while pos < spe and step < total:
-            micro = [next(batches) for _ in range(accum)]
-            out = eng.train_step(micro, lr_at(step), stop.requested)
-            step, pos = step + 1, pos + 1
-            bad_in_row = bad_in_row + 1 if out.skipped else 0
-            window_imgs += out.images
-            if step % cfg.log.every_steps == 0 or out.skipped:
-                t = _now(d.device)
-                ips = window_imgs / max(t - window_t0, 1e-9)
-                log.log(split="train", step=step, epoch=epoch, loss=out.loss, top1=out.top1, lr=lr_at(step - 1),
-                        img_per_s=ips, skipped=out.skipped)
-                log.progress(step - logged_at, loss=f"{out.loss:.4f}", acc=f"{out.top1:.3f}", img_s=f"{ips:.0f}")
-                window_imgs, window_t0, logged_at = 0, t, step
-            if bad_in_row >= cfg.dist.max_nonfinite:
-                raise FloatingPointError(f"{bad_in_row} non-finite losses in a row (dist.max_nonfinite="
-                                         f"{cfg.dist.max_nonfinite}) at step {step}: lower optim.base_lr or check the data")
-            if out.stop:  # a signal: checkpoint at this step boundary and leave, to be resumed
-                save()
-                log.print(f"stopped by signal at step {step}; checkpoint saved")
-                log.close()
-                return {"stopped": True, "step": step}
-            if cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0 and pos < spe and step < total:
-                save()
-        if pos == spe:
-            epoch, pos = epoch + 1, 0
-            if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
-                result = validate()
-            if cfg.ckpt.epoch_end or step == total:
-                save()
-        else:  # stopped by run.max_steps mid-epoch
-            save()
-    if result.get("step") != step:  # no validation yet at the final step
-        result = validate()
-    log.close()
+    win = Window(d.device)  # img/s and data wait since the last train record, without eval/checkpoint time
+    logged_at = step
+    try:
+        while step < total:
+            data.train.sampler.set_epoch(epoch, start_batch=pos * accum)
+            with win.waiting():
+                batches = iter(data.train)
+            while pos < spe and step < total:
+                with win.waiting():
+                    micro = [next(batches) for _ in range(accum)]
+                out = eng.train_step(micro, lr_at(step), stop.requested)
+                step, pos = step + 1, pos + 1
+                bad_in_row = bad_in_row + 1 if out.skipped else 0
+                win.images += out.images
+                if step % cfg.log.every_steps == 0 or out.skipped:
+                    w = win.read()
+                    log.log(split="train", step=step, epoch=epoch, loss=out.loss, top1=out.top1, lr=lr_at(step - 1),
+                            skipped=out.skipped, **w)
+                    log.progress(step - logged_at, loss=f"{out.loss:.4f}", acc=f"{out.top1:.3f}",
+                                 img_s=f"{w['img_per_s']:.0f}")
+                    logged_at = step
+                if bad_in_row >= cfg.dist.max_nonfinite:
+                    raise FloatingPointError(f"{bad_in_row} non-finite losses in a row (dist.max_nonfinite="
+                                             f"{cfg.dist.max_nonfinite}) at step {step}: lower optim.base_lr or check the data")
+                if out.stop:  # a signal: checkpoint at this step boundary and leave, to be resumed
+                    save()
+                    log.print(f"stopped by signal at step {step}; checkpoint saved")
+                    return {"stopped": True, "step": step, "notes": log.close(signum=StopRequest.signum or signal.SIGTERM)}
+                if cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0 and pos < spe and step < total:
+                    with win.paused():
+                        save()
+            with win.paused():
+                if pos == spe:
+                    epoch, pos = epoch + 1, 0
+                    if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
+                        result = validate()
+                    if cfg.ckpt.epoch_end or step == total:
+                        save()
+                else:  # stopped by run.max_steps mid-epoch
+                    save()
+        if result.get("step") != step:  # no validation yet at the final step
+            result = validate()
+    except BaseException:
+        log.close(exit_code=1)
+        raise
+    if d.is_main:
+        done = json.dumps({"step": step, **result}) + "\n"
+        checkpoint.atomic_write(os.path.join(run_dir, DONE), lambda f: f.write(done.encode()))
+    result["notes"] = log.close()
     return result
+
+
+class Window:
+    """Throughput since the last train record: global img/s over the time spent training (validation
+    and checkpoints excluded) and the share of that time spent waiting for the loader."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.images = device, 0
+        self.t0, self.excluded, self.wait = _now(device), 0.0, 0.0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        t = time.perf_counter()
+        yield
+        self.wait += time.perf_counter() - t
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = _now(self.device)
+        yield
+        self.excluded += _now(self.device) - t
+
+    def read(self) -> dict:
+        """The window's figures (and starts the next window)."""
+        t = _now(self.device)
+        busy = max(t - self.t0 - self.excluded, 1e-9)
+        out = {"img_per_s": self.images / busy, "data_wait": min(self.wait / busy, 1.0)}
+        if self.device.type == "cuda":
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.images, self.t0, self.excluded, self.wait = 0, t, 0.0, 0.0
+        return out
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 # Keys that may change between a run and its resumption without changing what is trained.
@@ -217,13 +276,15 @@ def main(argv=None) -> dict:
     d = dist.setup(cfg.dist)
     try:
         result = fit(cfg, d)
-    except FileNotFoundError as e:  # missing data: the message says where it looked and what to do
+    except (FileNotFoundError, SinkError) as e:  # missing data or sink: the message says what to do
         print(f"imnet.train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    dist.cleanup()
+    dist.cleanup()  # after the sinks finished (W&B's finish must not wait on a torn-down group)
     if d.is_main and "top1" in result:
         print(f"final val top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
               f"(n={result['n']})", flush=True)
+    for note in result.pop("notes", []) if d.is_main else []:  # e.g. the `wandb sync` command: the last line
+        print(note, flush=True)
     return result
 
 
