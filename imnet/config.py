@@ -150,6 +150,9 @@ class Config(Section):
                 except ValueError as e:
                     key = "model.gn_channels_per_group" if m.gn_channels_per_group else "model.gn_groups"
                     raise ValueError(f"{key}: {e} (arch {m.arch} has norms with {c} channels)") from None
+        size = image_size(self.data)
+        if size is not None:  # h5 without data.image_size, and syncbn's world: checked at models.from_config
+            models.check_batch_stats(m.arch, m.norm, size, self.data.batch_size)
         for ms in self.optim.milestones:
             if not 0 < ms < self.run.epochs:
                 raise ValueError(f"optim.milestones: milestone {ms} is outside the run (0, run.epochs={self.run.epochs})")
@@ -171,6 +174,16 @@ class Config(Section):
         if r not in ("auto", "never") and not os.path.isfile(r):
             raise ValueError(f"ckpt.resume: {r!r} is neither auto, never nor an existing checkpoint file")
         return self
+
+
+# The side (px) of the images each dataset yields when data.image_size is None; h5: only its file knows.
+NATIVE_IMAGE_SIZE = {"synthetic": 32, "digits": 32, "mnist": 28, "fashion": 28, "cifar10": 32, "svhn": 32,
+                     "imagenet": 224, "tiny_imagenet": 64, "h5": None}
+
+
+def image_size(data: DataCfg) -> int | None:
+    """The side (px) of the images the model will see, or None where only the files know it (h5)."""
+    return data.image_size or NATIVE_IMAGE_SIZE[data.name]
 
 
 class ConfigError(ValueError):

@@ -80,6 +80,57 @@ def test_shipped_configs_validate():
         config.load(f)
 
 
+# --- 1 image per rank ------------------------------------------------------------------------
+
+def test_bn_at_one_image_before_the_pool_is_refused_at_config_time():
+    msg = ("data.batch_size: 1 image per rank with model.norm=bn: layer features.11 (BatchNorm2d(512)) feeds the "
+           "global average pool, which then returns its beta whatever the image (one image's map normalized over "
+           "H x W averages to 0), so no layer before it can learn; use model.norm=gn (or syncbn on 2+ ranks) or "
+           "data.batch_size >= 2")
+    for over in (["data.name=mnist"], ["data.name=svhn"], ["data.image_size=28"]):  # small net at 28 and 32 px
+        with pytest.raises(ConfigError) as e:
+            config.load(None, over + ["model.norm=bn", "data.batch_size=1"])
+        assert str(e.value) == msg
+
+
+def test_bn_at_one_image_on_a_1x1_map_is_refused_at_config_time():
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["model.arch=resnet18", "model.norm=bn", "data.batch_size=1", "data.image_size=8"])
+    assert str(e.value) == (
+        "data.batch_size: 1 image per rank with model.norm=bn: layer layer4.0.bn1 (BatchNorm2d(512)) and 4 later "
+        "norm layers see a 1x1 map at 8x8 px input, one value per channel, which BatchNorm cannot train on; use "
+        "model.norm=gn (or syncbn on 2+ ranks), data.batch_size >= 2, or data.image_size >= 9")
+    with pytest.raises(ConfigError, match=r"^data\.image_size: 15 px is too small for model\.arch=small"):
+        config.load(None, ["model.norm=bn", "data.batch_size=1", "data.image_size=15"])
+
+
+@pytest.mark.parametrize("over", [
+    ["model.arch=resnet18", "data.image_size=9"],      # every map 2x2 or more
+    ["model.arch=resnet20", "data.name=cifar10"],
+    ["model.arch=resnet50", "data.name=tiny_imagenet"],
+    ["data.name=mnist", "model.norm=gn"],              # GN: any map
+    ["data.name=mnist", "model.norm=syncbn"],          # syncbn: judged when the world is known
+    ["data.name=h5"],                                  # h5: judged when the file's size is known
+    ["data.name=mnist", "data.batch_size=2"],
+])
+def test_one_image_setups_that_pass_config_time(over):
+    cfg = config.load(None, ["model.norm=bn", "data.batch_size=1"] + over)  # later overrides win
+    assert cfg.data.batch_size == (2 if "data.batch_size=2" in over else 1)
+    assert cfg.model.norm == next((o.split("=")[1] for o in over if o.startswith("model.norm=")), "bn")
+
+
+def test_native_image_sizes_are_the_datasets():
+    from imnet.data import datasets
+
+    assert tuple(config.NATIVE_IMAGE_SIZE) == datasets.NAMES
+    for name in ("digits", "synthetic"):  # the two that need no files
+        _, info = datasets.build_dataset(name, "unused", "val", augment=False)
+        assert info.image_size == config.NATIVE_IMAGE_SIZE[name]
+    assert config.image_size(config.load(None, ["data.name=mnist"]).data) == 28
+    assert config.image_size(config.load(None, ["data.name=mnist", "data.image_size=40"]).data) == 40
+    assert config.image_size(config.load(None, ["data.name=h5"]).data) is None
+
+
 def test_yaml_1_1_words_stay_strings(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("precision:\n  amp: off\nrun:\n  deterministic: true\n")

@@ -197,3 +197,163 @@ def test_small_net_order_is_conv_relu_norm():
                for m in feats if isinstance(m, nn.Conv2d))
     head = [m for m in _build("small").head if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in head] == [(512, 128), (128, 32), (32, 7)]
+
+
+
+# --- 1 image per rank: where BatchNorm's statistics of one image can train ----------------------
+
+def _ways(norm_name, *extra):
+    ways = (["model.norm=gn (or syncbn on 2+ ranks)"] if norm_name == "bn" else ["model.norm=gn", "syncbn on 2+ ranks"])
+    ways += ["data.batch_size >= 2", *extra]
+    return ways[0] + " or " + ways[1] if len(ways) == 2 else ", ".join(ways[:-1]) + ", or " + ways[-1]
+
+
+def _setup(norm_name):
+    return "model.norm=bn" if norm_name == "bn" else "model.norm=syncbn on 1 rank"
+
+
+def _one_by_one(layer, more, size, fix, norm_name="bn"):
+    see = "sees" if not more else f"and {more} later norm layers see"
+    return (f"data.batch_size: 1 image per rank with {_setup(norm_name)}: layer {layer} {see} a 1x1 map at "
+            f"{size}x{size} px input, one value per channel, which BatchNorm cannot train on; use "
+            f"{_ways(norm_name, f'data.image_size >= {fix}')}")
+
+
+def _before_pool(layer, norm_name="bn"):
+    return (f"data.batch_size: 1 image per rank with {_setup(norm_name)}: layer {layer} feeds the global average "
+            f"pool, which then returns its beta whatever the image (one image's map normalized over H x W "
+            f"averages to 0), so no layer before it can learn; use {_ways(norm_name)}")
+
+
+def test_norm_maps_and_the_norm_before_the_pool():
+    assert models.norm_maps("small", 28) == [("features.2", 64, 14, 14), ("features.5", 128, 7, 7),
+                                             ("features.8", 256, 3, 3), ("features.11", 512, 1, 1)]
+    assert [m[2:] for m in models.norm_maps("small", 32)] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    maps = models.norm_maps("resnet50", 224)
+    assert len(maps) == 53 and maps[0] == ("bn1", 64, 112, 112) and maps[-1] == ("layer4.2.bn3", 2048, 7, 7)
+    assert models.pooled_norms("small", 32) == {"features.11"}
+    for arch in RESNETS:  # the last norm's output is added to the shortcut in place: not the pool's input
+        assert models.pooled_norms(arch, 32) == set()
+    with pytest.raises(ValueError, match=r"^data\.image_size: 15 px is too small for model\.arch=small \("):
+        models.norm_maps("small", 15)
+
+
+def _grads_after_one_image(model, size, in_channels=3):
+    torch.manual_seed(1)
+    loss = nn.functional.cross_entropy(model.train()(torch.randn(1, in_channels, size, size)), torch.tensor([3]))
+    loss.backward()
+    return {n: p.grad.abs().max().item() for n, p in model.named_parameters()}
+
+
+def test_small_net_bn_at_one_image_learns_nothing_so_it_is_refused():
+    """The small net's last BN sits straight before the pool: with one image its pooled output is
+    beta exactly, so every conv (and that norm's gamma) gets no gradient but float rounding, at any
+    image size, although each norm sees 4+ values per channel at 32 px and the step runs."""
+    torch.manual_seed(0)
+    bn = _grads_after_one_image(models.build("small", num_classes=10, image_size=32, norm="bn"), 32)
+    assert max(g for n, g in bn.items() if n.startswith("features.") and n != "features.11.bias") < 1e-6
+    assert bn["features.11.bias"] > 1e-3 and bn["head.5.weight"] > 1e-3  # beta and the head: the label prior
+    torch.manual_seed(0)
+    gn = _grads_after_one_image(models.build("small", num_classes=10, image_size=32, norm="gn"), 32)
+    assert min(gn.values()) > 1e-5  # negative control: GN's pooled features depend on the image
+    for size in (28, 32, 64):
+        with pytest.raises(ValueError) as e:
+            models.check_batch_stats("small", "bn", size, 1)
+        assert str(e.value) == _before_pool("features.11 (BatchNorm2d(512))")
+    models.check_batch_stats("small", "bn", 28, 2)
+
+
+# (arch, image size, the refusal's first 1x1 layer, how many later, the smallest size that trains);
+# layer None: every norm sees 2+ values per channel at 1 image.
+ONE_IMAGE = [
+    ("resnet20", 4, "layer3.0.bn1 (BatchNorm2d(64))", 6, 5),
+    ("resnet20", 5, None, 0, 0),
+    ("resnet56", 4, "layer3.0.bn1 (BatchNorm2d(64))", 18, 5),
+    ("resnet18", 8, "layer4.0.bn1 (BatchNorm2d(512))", 4, 9),  # CIFAR stem: 8 -> 8, 4, 2, 1
+    ("resnet18", 9, None, 0, 0),
+    ("resnet50", 8, "layer4.0.bn2 (BatchNorm2d(512))", 8, 9),  # bn1 (1x1 conv) still sees layer3's 2x2
+]
+
+
+@pytest.mark.parametrize("arch, size, layer, more, fix", ONE_IMAGE)
+def test_resnets_at_one_image_refused_exactly_where_batchnorm_cannot_train(arch, size, layer, more, fix):
+    """The check agrees with torch: a real BN model in train mode on 1 image fails exactly where the
+    check refuses, and where it passes a training step gives every parameter a gradient."""
+    torch.manual_seed(0)
+    model = models.build(arch, num_classes=10, image_size=size, norm="bn", zero_init_last=False)
+    if layer is None:
+        models.check_batch_stats(arch, "bn", size, 1)
+        assert min(_grads_after_one_image(model, size).values()) > 0
+        return
+    with pytest.raises(ValueError) as e:
+        models.check_batch_stats(arch, "bn", size, 1)
+    assert str(e.value) == _one_by_one(layer, more, size, fix)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        model.train()(torch.randn(1, 3, size, size))  # what the check saves the user from, at the first step
+    models.check_batch_stats(arch, "bn", size, 2)  # 2 images: 2 values per channel
+    models.check_batch_stats(arch, "bn", fix, 1)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, size, size)).shape == (1, 10)  # eval: running statistics
+
+
+def test_resnet20_trains_on_one_cifar_image_per_rank():
+    torch.manual_seed(0)
+    model = models.build("resnet20", num_classes=10, image_size=32, norm="bn")
+    models.check_batch_stats("resnet20", "bn", 32, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = _grads_after_one_image(model, 32)
+    opt.step()
+    # zero_init_last: each block's last gamma starts at 0, so the branch before it waits for it to move
+    waiting = {f"layer{i}.{j}.{p}" for i in (1, 2, 3) for j in range(3)
+               for p in ("conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight")}
+    assert {n for n, g in grads.items() if g == 0} == waiting
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    moved = {n for (n, p), b in zip(model.named_parameters(), before) if not torch.equal(p, b)}
+    assert moved == set(grads) - waiting
+
+
+def test_syncbn_is_judged_only_where_the_world_is_known():
+    with pytest.raises(ValueError) as e:
+        models.check_batch_stats("resnet18", "syncbn", 8, 1, world=1)
+    assert str(e.value) == _one_by_one("layer4.0.bn1 (SyncBatchNorm2d(512))", 4, 8, 9, "syncbn")
+    with pytest.raises(ValueError) as e:
+        models.check_batch_stats("small", "syncbn", 32, 1, world=1)
+    assert str(e.value) == _before_pool("features.11 (SyncBatchNorm2d(512))", "syncbn")
+    models.check_batch_stats("small", "syncbn", 28, 1, world=2)  # statistics over 2 images
+    models.check_batch_stats("resnet18", "syncbn", 8, 1, world=2)
+    models.check_batch_stats("small", "syncbn", 28, 1)  # world unknown (config time): not judged
+    with pytest.raises(ValueError, match="with model.norm=bn:"):
+        models.check_batch_stats("resnet18", "bn", 8, 1, world=8)  # bn's statistics stay per rank
+
+
+@pytest.mark.parametrize("norm_name", ["gn", "ln", "in", "none"])
+def test_other_norms_are_not_checked(norm_name):
+    models.check_batch_stats("small", norm_name, 28, 1, world=1)
+    models.check_batch_stats("resnet18", norm_name, 2, 1, world=1)
+
+
+def test_gn_trains_one_image_with_a_1x1_map():
+    torch.manual_seed(0)
+    model = models.build("small", num_classes=10, in_channels=1, image_size=28, norm="gn")
+    assert models.norm_maps("small", 28)[-1][2:] == (1, 1)
+    assert min(_grads_after_one_image(model, 28, in_channels=1).values()) > 0
+
+
+def test_from_config_checks_what_config_time_cannot_know():
+    from imnet import config
+    from imnet.data.datasets import DatasetInfo
+
+    # an h5 file of 8 px images (config validation cannot read it), and syncbn's world
+    info = DatasetInfo(10, 1, 8, (0.5,), (0.25,))
+    for norm_name, world in (("bn", 2), ("syncbn", 1)):
+        mcfg = config.load(None, ["model.arch=resnet18", f"model.norm={norm_name}", "data.name=h5",
+                                  "data.batch_size=1"]).model
+        with pytest.raises(config.ConfigError) as e:
+            models.from_config(mcfg, info, batch_size=1, world=world)
+        cls = "BatchNorm2d" if norm_name == "bn" else "SyncBatchNorm2d"
+        assert str(e.value) == _one_by_one(f"layer4.0.bn1 ({cls}(512))", 4, 8, 9, norm_name)
+        assert isinstance(models.from_config(mcfg, info), nn.Module)  # evaluation: no batch, no check
+        assert isinstance(models.from_config(mcfg, info, batch_size=2, world=world), nn.Module)
+    model = models.from_config(mcfg, info, batch_size=1, world=2)  # syncbn on 2 ranks
+    assert isinstance(model.layer4[0].bn1, SyncBatchNorm2d)

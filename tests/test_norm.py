@@ -183,6 +183,8 @@ def _make_data(path):
         x[b0:] = x[b0:] * 1.5 + 3  # rank 1's samples have other statistics: local BN != global BN
         data[f"x{step}"] = x
         data[f"w{step}"] = torch.randn(n, C, 5, 7, generator=g)  # loss = sum(y * w)
+    data["x_one"] = torch.randn(2, C, 1, 1, generator=g) * 2 + 5  # one 1x1 image per rank
+    data["w_one"] = torch.randn(2, C, 1, 1, generator=g)
     torch.save(data, path)
     return data
 
@@ -232,6 +234,10 @@ def _worker(rank, tmp):
             ws.append(data[f"w{step}"][sl])
         res = {"sync": _run_steps(_with_params(SyncBatchNorm2d(C)), xs, ws),
                "local": _run_steps(_with_params(nn.BatchNorm2d(C)), xs, ws)}  # negative control
+        # One 1x1 image per rank: one value per channel here, two across the ranks, so syncbn trains
+        # where BatchNorm2d refuses (models.check_batch_stats lets syncbn through on 2+ ranks).
+        one = slice(rank, rank + 1)
+        res["one"] = _run_steps(_with_params(SyncBatchNorm2d(C)), [data["x_one"][one]], [data["w_one"][one]])
 
         # Eval mode uses the running statistics: identical to BatchNorm2d in eval.
         sync = _with_params(SyncBatchNorm2d(C))
@@ -290,6 +296,18 @@ def test_syncbn_two_gloo_ranks_equals_global_batchnorm(tmp_path):
 
     for r in (r0, r1):
         assert r["eval_equal"] and r["own_group_equal"]
+
+    # 1 image of 1x1 per rank == BatchNorm2d on the 2 images; BatchNorm2d on 1 of them refuses.
+    ref = _run_steps(_with_params(nn.BatchNorm2d(C)), [data["x_one"]], [data["w_one"]])
+    o0, o1 = r0["one"], r1["one"]
+    for key in ("y0", "gx0"):
+        torch.testing.assert_close(torch.cat([o0[key], o1[key]]), ref[key], **TOL)
+    torch.testing.assert_close(o0["gweight"] + o1["gweight"], ref["gweight"], **TOL)
+    torch.testing.assert_close(o0["gbias"] + o1["gbias"], ref["gbias"], **TOL)
+    for key in ("running_mean", "running_var"):
+        torch.testing.assert_close(o0[key], ref[key], **TOL)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        _with_params(nn.BatchNorm2d(C))(data["x_one"][:1])
 
     net = _conv_net()  # no process group here: plain BatchNorm2d on the whole batch
     (net(data["x0"].double()) * data["w0"].double()).sum().backward()

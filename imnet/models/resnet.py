@@ -109,15 +109,18 @@ def fuse_norm_act(model: nn.Module, residual: bool = True) -> nn.Module:
 
 def norm_shapes(model: nn.Module, image_size: int, in_channels: int = 3) -> list[tuple[str, int, int, int]]:
     """(name, C, H, W) of the input of every norm layer, in call order, for one image. Run the model
-    on the meta device (built under `with torch.device("meta")`) to get them without compute."""
+    on the meta device (built under `with torch.device("meta")`) to get them without compute.
+    The pass runs in eval mode: in train mode BatchNorm refuses the 1x1 maps this is used to find."""
     shapes: list[tuple[str, int, int, int]] = []
     hooks = [m.register_forward_pre_hook(lambda _, args, name=name: shapes.append((name, *args[0].shape[1:])))
              for name, m in model.named_modules() if norms.is_norm(m)]
     device = next(model.parameters()).device
+    was_training = model.training
     try:
         with torch.no_grad():
-            model(torch.empty(1, in_channels, image_size, image_size, device=device))
+            model.eval()(torch.empty(1, in_channels, image_size, image_size, device=device))
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     return shapes

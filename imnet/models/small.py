@@ -13,7 +13,9 @@ class SmallNet(nn.Module):
 
     The seed's order puts the norm AFTER the ReLU, so the conv bias is not absorbed by the norm
     (it shifts the ReLU threshold): the convs keep their bias for every norm. Spatial size:
-    28 -> 14 -> 7 -> 3 -> 1 and 32 -> 16 -> 8 -> 4 -> 2; any input >= 16 pixels works.
+    28 -> 14 -> 7 -> 3 -> 1 and 32 -> 16 -> 8 -> 4 -> 2; any input >= 16 pixels works. The last norm
+    feeds the pool directly: BN over one image would give the head its beta whatever the image, so
+    models.check_batch_stats refuses bn at 1 image per rank for this net.
     """
 
     def __init__(self, num_classes: int, in_channels: int, norm_layer: NormLayer) -> None:
