@@ -1,7 +1,10 @@
+import glob
+import os
+
 import pytest
 import yaml
 
-from imnet import config
+from imnet import config, sweep
 from imnet.config import ConfigError
 
 
@@ -69,15 +72,56 @@ def test_frozen():
         cfg.data.batch_size = 3
 
 
-def test_shipped_configs_validate():
-    import glob
-    import os
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
-    files = sorted(glob.glob(os.path.join(root, "*.yaml")))
-    assert files
+
+def test_shipped_configs_validate():
+    files = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
+    assert len(files) >= 8
     for f in files:
         config.load(f)
+
+
+def test_shipped_sweeps_validate_every_point():
+    files = {os.path.basename(f): f for f in glob.glob(os.path.join(CONFIGS, "sweeps", "*.yaml"))}
+    assert {"r50_batch.yaml", "cifar10_batch.yaml", "svhn_batch.yaml"} <= set(files)
+    for f in files.values():  # every sweep, also those not listed below
+        assert sweep.resolve_points(sweep.load_sweep(f), None, [])
+    batches = [32, 16, 8, 4, 2]
+    for name, norms, arch in (("r50_batch", ["bn", "syncbn", "gn"], "resnet50"),
+                              ("cifar10_batch", ["gn", "bn", "syncbn"], "resnet20"),
+                              ("svhn_batch", ["gn", "bn", "syncbn"], "small")):
+        points = sweep.resolve_points(sweep.load_sweep(files[name + ".yaml"]), None, [])
+        assert [(p["model.norm"], p["data.batch_size"]) for p, _ in points] == [(n, b) for n in norms for b in batches]
+        for point, cfg in points:
+            assert (cfg.model.norm, cfg.data.batch_size, cfg.model.arch) == (point["model.norm"],
+                                                                               point["data.batch_size"], arch)
+            assert cfg.optim.lr_scaling == "linear"  # the rate follows the global batch
+            assert cfg.run.name == f"{name}/{sweep.point_name(point)}"
+    r50 = sweep.resolve_points(sweep.load_sweep(files["r50_batch.yaml"]), None, [])
+    assert all(cfg.data.name == "imagenet" and cfg.optim.milestones == (30, 60, 90) for _, cfg in r50)
+    assert {cfg.data.name for _, cfg in sweep.resolve_points(sweep.load_sweep(files["svhn_batch.yaml"]), None, [])} \
+        == {"svhn"}
+
+
+@pytest.mark.parametrize("norm", ["bn", "syncbn", "gn"])
+def test_r50_configs_carry_the_papers_recipe(norm):
+    """Wu & He 2018, sec. 4.1: 100 epochs, lr 0.1 per 256 images (32 per GPU on 8 GPUs), x0.1 at
+    30/60/90, weight decay 1e-4 on every weight including gamma and beta, gamma = 0 in each block's
+    last norm, G = 32; no warmup."""
+    cfg = config.load(os.path.join(CONFIGS, f"r50_{norm}.yaml"))
+    assert (cfg.model.arch, cfg.model.norm, cfg.data.name) == ("resnet50", norm, "imagenet")
+    assert cfg.run.epochs == 100
+    assert cfg.data.batch_size == 32
+    assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9
+    assert cfg.optim.base_lr == 0.1 and cfg.optim.lr_scaling == "linear"
+    assert cfg.optim.schedule == "step" and cfg.optim.milestones == (30, 60, 90) and cfg.optim.gamma == 0.1
+    assert cfg.optim.warmup_epochs == 0
+    assert cfg.optim.weight_decay == 1e-4
+    assert cfg.optim.norm_weight_decay is True
+    assert cfg.model.zero_init_last is True
+    assert cfg.model.gn_groups == 32 and cfg.model.gn_channels_per_group is None
+    assert cfg.optim.label_smoothing == 0
 
 
 # --- 1 image per rank ------------------------------------------------------------------------
