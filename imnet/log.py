@@ -5,9 +5,12 @@ Every sink gets the same numbers. A record is `split` (train | val), `step` (imn
 the x axis of every chart), `epoch` and metrics; W&B and TensorBoard see them as `train/loss`,
 `val/top1`, ... (peak memory as `sys/peak_mem_gb`).
 
-Resume: metrics.jsonl drops what was logged after the checkpoint, so it holds one trajectory;
-TensorBoard hides the events after it (`purge_step`); W&B continues the same run (its id is kept in
-the run folder) and is sent only the steps it does not hold yet, so no step is charted twice.
+Resume: metrics.jsonl (written line by line, so it survives a SIGKILL) drops what was logged after
+the checkpoint and is then the one trajectory every sink is made to show. W&B and TensorBoard buffer
+what they are given, so a killed attempt can lose its last records: TensorBoard hides every earlier
+event (`purge_step=1`) and is given the kept records again; W&B continues the same run (its id is
+kept in the run folder) and is sent the kept records and new steps it does not hold yet (read from
+its run files), so no step is lost or charted twice.
 """
 
 from __future__ import annotations
@@ -79,13 +82,13 @@ def _scalars(record: dict) -> dict:
 
 
 class TensorBoardSink:
-    def __init__(self, run_dir: str, initial: int):
+    def __init__(self, run_dir: str):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise SinkError('log.tensorboard=true needs the tensorboard package: pip install -e ".[tensorboard]"') from None
-        # purge_step: events of a killed attempt after the checkpoint are hidden, the replay is kept
-        self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=initial + 1 if initial else None)
+        # purge_step=1: TensorBoard hides the events of earlier attempts; Logger.start logs the kept ones again
+        self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=1)
 
     def log(self, record: dict) -> None:
         for k, v in _scalars(record).items():
@@ -116,6 +119,9 @@ class WandbSink:
                 f"arch={c['model']['arch']}", f"world={identity['world']}", *lcfg.wandb_tags]
         mode = os.environ.get("WANDB_MODE") or lcfg.wandb  # WANDB_MODE keeps its meaning (disabled, offline)
         try:
+            # the process-wide settings too: W&B's own usage telemetry reads those, and would try the
+            # network from an offline run
+            wandb.setup(settings=wandb.Settings(mode=mode))
             self.run = wandb.init(
                 id=self.run_id, resume="allow", mode=mode, dir=os.path.dirname(self.wandb_dir),
                 project=lcfg.wandb_project or os.environ.get("WANDB_PROJECT") or "imnet",
@@ -177,7 +183,7 @@ class Logger:
     every way out (the trainer does, with the exit code and whether a signal stopped the run)."""
 
     def __init__(self, run_dir: str, is_main: bool, lcfg, *, total: int, initial: int):
-        self.is_main, self.run_dir, self.lcfg, self.initial = is_main, run_dir, lcfg, initial
+        self.is_main, self.run_dir, self.lcfg = is_main, run_dir, lcfg
         self.bar, self.sinks, self.records, self.closed = None, [], [], False
         if not is_main:
             return
@@ -209,9 +215,12 @@ class Logger:
         with open(os.path.join(self.run_dir, "run_info.json"), "w") as f:
             json.dump(info, f, indent=2)
         if self.lcfg.tensorboard:
-            self.sinks.append(TensorBoardSink(self.run_dir, self.initial))
+            self.sinks.append(TensorBoardSink(self.run_dir))
         if self.lcfg.wandb != "off":
             self.sinks.append(WandbSink(self.run_dir, self.lcfg, {"config": config_tree, **info}))
+        for sink in self.sinks:  # the kept trajectory: whatever a killed attempt's sink lost
+            for record in self.records:
+                sink.log(record)
 
     def log(self, **record) -> None:
         if not self.is_main:

@@ -80,7 +80,7 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
     lock = lock_run_dir(run_dir, d.is_main)  # noqa: F841 - held until the process exits
     seed_all(cfg.run.seed, cfg.run.deterministic)
     data = data_mod.build(cfg, d)
-    model = models.from_config(cfg.model, data.info)
+    model = models.from_config(cfg.model, data.info, batch_size=cfg.data.batch_size, world=d.world)
     eng = engine.build(cfg, model, d, run_dir)
     ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.ckpt.keep, d.is_main)
 
@@ -276,7 +276,8 @@ def main(argv=None) -> dict:
     d = dist.setup(cfg.dist)
     try:
         result = fit(cfg, d)
-    except (FileNotFoundError, SinkError) as e:  # missing data or sink: the message says what to do
+    except (FileNotFoundError, SinkError, config.ConfigError) as e:  # missing data or sink, or a setup only
+        # the data or the world reveals (BN on one image per rank): the message says what to do
         print(f"imnet.train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     dist.cleanup()  # after the sinks finished (W&B's finish must not wait on a torn-down group)

@@ -14,6 +14,7 @@ command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sb
 command -v munged >/dev/null && command -v mungekey >/dev/null || need+=(munge)
 command -v ip >/dev/null || need+=(iproute2)      # ip netns
 command -v ps >/dev/null || need+=(procps)        # stop.sh
+command -v strace >/dev/null || need+=(strace)   # tests: the sockets an offline W&B run opens
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "install.sh: slurm-wlm and munge already installed ($(slurmctld -V 2>/dev/null), munge $(munged -V 2>/dev/null | awk '{print $1}' | sed 's/munge-//'))"
