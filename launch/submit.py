@@ -3,9 +3,15 @@
     python launch/submit.py --config configs/r50_gn.yaml --nodes 4 --partition gpu [key.sub=value ...]
     python launch/submit.py --sweep configs/sweeps/cifar10_batch.yaml --array-parallelism 8
     python launch/submit.py --config configs/digits_gn.yaml --nodes 2 --dry-run   # print the sbatch script
+    python launch/submit.py --config configs/digits_gn.yaml --nodes 2 --gpus-per-node 0 --tasks-per-node 2 --wait
     python launch/submit.py --config configs/digits_gn.yaml --local --gpus-per-node 0 --tasks-per-node 2
+    python launch/submit.py ... --slurm mail-type=END --slurm dependency=afterok:123   # any other sbatch option
 
-The config and overrides are validated here, before anything is submitted. Each Slurm task runs
+Before anything is submitted (also for --dry-run and --local): the config and overrides are
+validated; each run's dataset must be where data.root says, seen from this host (--no-data-check
+skips that, for data only the compute nodes see); and the checkpoint a run would resume from must
+have been trained with the world size planned here (nodes x tasks per node): another would change
+the steps per epoch, and so the run (a finished one would train further). Each Slurm task runs
 `Trainer` below: one rank per task (one task per GPU), rendezvous at the first node of the job.
 
 Preemption and timeouts: Slurm sends SIGUSR2 90 s before the time limit (`--signal=USR2@90`;
@@ -24,15 +30,33 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import time
 
 import submitit
-import yaml
 
 from imnet import config
-from imnet.sweep import load_sweep, resolve_points
+from imnet.sweep import load_sweep, point_name, resolve_points
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*$")  # partition, account, qos
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")  # a newline would end an #SBATCH line; submitit quotes the rest
+SLURM_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9]")  # sbatch's long option names
+# --slurm keys that have an option here: `--slurm account=lab` is `--account lab`
+SLURM_ALIASES = ("partition", "account", "qos", "constraint", "mem", "time", "job-name")
+# sbatch options imnet writes itself, and how to change them
+SLURM_OWNED = {
+    "nodes": "use --nodes", "ntasks-per-node": "use --tasks-per-node (CPU tasks) or --gpus-per-node (a task per GPU)",
+    "gpus-per-node": "use --gpus-per-node", "cpus-per-task": "use --cpus-per-task", "exclusive": "use --exclusive",
+    "array": "--sweep makes the job array; --array-parallelism sets how many run at once",
+    "signal": "USR2 90 s before the time limit makes every rank checkpoint before the job requeues",
+    "requeue": "jobs requeue after a timeout or preemption (--max-requeues)",
+    "open-mode": "logs are appended to across requeues", "output": "use --folder", "error": "use --folder",
+}
+# squeue reasons for which a pending job will not start unless it or the cluster's configuration changes
+NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
+                "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed", "DependencyNeverSatisfied")
+RUNNING = ("RUNNING", "COMPLETING", "CONFIGURING")  # job states counted as running (the rest, unfinished: pending)
 
 
 class Trainer:
@@ -116,10 +140,13 @@ def parse(argv):
     g.add_argument("--tasks-per-node", type=int, help="CPU tasks per node with --gpus-per-node 0 (default 1)")
     g.add_argument("--cpus-per-task", type=int, help="default: data.workers + 1")
     g.add_argument("--mem", help="memory per node, e.g. 64G")
-    g.add_argument("--time", default="1440", help="minutes or [D-]HH:MM:SS per job (default 1440)")
+    g.add_argument("--time", help="minutes or [D-]HH:MM:SS per job (default 1440)")
     for opt in ("partition", "account", "qos", "constraint"):
         g.add_argument(f"--{opt}")
     g.add_argument("--exclusive", action="store_true")
+    g.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, repeatable: --slurm mail-type=END -> #SBATCH --mail-type=END "
+                        "(KEY alone: a flag)")
     s = p.add_argument_group("submission")
     s.add_argument("--job-name", help="default: run.name (or the sweep's name)")
     s.add_argument("--folder", help="submitit's scripts and logs (default: <run folder>/slurm)")
@@ -128,8 +155,14 @@ def parse(argv):
     s.add_argument("--array-parallelism", type=int, help="sweep points running at once (default all)")
     s.add_argument("--local", action="store_true", help="submitit's local executor on this machine, no Slurm")
     s.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit; submit nothing")
-    s.add_argument("--wait", action="store_true", help="wait for the job(s) and print the results (--local waits)")
-    a = p.parse_args(argv)
+    s.add_argument("--wait", action="store_true", help="wait for the job(s), print their progress and results "
+                   "(--local waits)")
+    s.add_argument("--poll", type=float, default=30, help="seconds between progress checks while waiting (default 30)")
+    s.add_argument("--no-data-check", action="store_true",
+                   help="submit although data.root lacks the dataset here (for data only the compute nodes see)")
+    a = p.parse_intermixed_args(argv)  # key=value before or after options
+    a.sbatch = slurm_options(a, p)
+    a.time = a.time or "1440"
     if a.gpus_per_node is None:
         import torch
         a.gpus_per_node = torch.cuda.device_count() if a.local else 8
@@ -148,6 +181,10 @@ def parse(argv):
         v = getattr(a, opt)
         check(v is None or NAME_RE.match(v), f"--{opt} {v!r}: use letters, digits, '_', '.', '-' (several: comma-separated)")
     check(a.mem is None or re.fullmatch(r"\d+[KMGT]?", a.mem), f"--mem {a.mem!r}: expected a size such as 64G or 4000M")
+    for opt in ("constraint", "job_name"):
+        v = getattr(a, opt)
+        check(v is None or not CONTROL_RE.search(v), f"--{opt.replace('_', '-')} {v!r}: no control characters")
+    check(a.poll > 0, f"--poll must be more than 0 seconds (got {a.poll})")
     try:
         a.minutes = minutes(a.time)
     except ValueError as e:
@@ -155,6 +192,7 @@ def parse(argv):
     if a.local:
         for opt in ("partition", "account", "qos", "constraint", "mem"):
             check(getattr(a, opt) is None, f"--{opt} is a Slurm option: not with --local")
+        check(not a.sbatch, "--slurm options are for Slurm: not with --local")
         check(not a.exclusive, "--exclusive is a Slurm option: not with --local")
         check(not a.dry_run, "--dry-run prints an sbatch script: not with --local")
         check(a.nodes == 1, f"--local runs on this machine: --nodes must be 1 (got {a.nodes})")
@@ -171,24 +209,131 @@ def parse(argv):
             runs = [(point, absolute(config.to_dict(cfg))) for point, cfg in resolve_points(sw, a.config, a.overrides)]
     except (config.ConfigError, ValueError) as e:
         p.error(str(e))
+    a.tasks = a.gpus_per_node or a.tasks_per_node or 1  # per node
+    problems = preflight(a, runs)
+    if problems:
+        p.error("nothing submitted:\n  " + "\n  ".join(problems))
     return a, runs
 
 
+def slurm_options(a, p) -> dict:
+    """--slurm KEY=VALUE items -> {key: value, or True for a flag}; keys with an option here set that option."""
+    out = {}
+    for item in a.slurm:
+        key, eq, value = item.partition("=")
+        if not SLURM_KEY_RE.fullmatch(key):
+            hint = f" (sbatch spells it {key.replace('_', '-')})" if SLURM_KEY_RE.fullmatch(key.replace("_", "-")) else ""
+            p.error(f"--slurm {item!r}: expected KEY=VALUE (or KEY alone, a flag) with KEY an sbatch long option "
+                    f"name (letters, digits, '-'), e.g. mail-type=END{hint}")
+        if (eq and not value) or CONTROL_RE.search(value):
+            p.error(f"--slurm {item!r}: the value must be non-empty, without control characters (a newline "
+                    "would break the batch script)")
+        if key in SLURM_OWNED:
+            p.error(f"--slurm {key}: imnet sets this sbatch option itself: {SLURM_OWNED[key]}")
+        if key in out:
+            p.error(f"--slurm {key} given twice")
+        out[key] = value if eq else True
+    for key in SLURM_ALIASES:
+        if key in out:
+            value, attr = out.pop(key), key.replace("-", "_")
+            if getattr(a, attr) is not None:
+                p.error(f"--slurm {key}={value} and --{key} {getattr(a, attr)}: give one")
+            if value is True:
+                p.error(f"--slurm {key}: needs a value (--slurm {key}=VALUE)")
+            setattr(a, attr, value)
+    return out
+
+
+def preflight(a, runs) -> list[str]:
+    """What would make the runs fail at their start: missing data, a checkpoint of another world size."""
+    found: dict[str, list] = {}  # problem -> the sweep points (None: the one run) that have it
+    for point, tree in runs:
+        for problem in (world_change(tree, a), None if a.no_data_check else missing_data(tree["data"])):
+            if problem:
+                found.setdefault(problem, []).append(point)
+    out = [(f"sweep point{'s' * (len(points) > 1)} {'; '.join(map(point_name, points))}: " if points[0] else "")
+           + msg for msg, points in found.items()]
+    if any(msg.startswith("dataset ") for msg in found):
+        out.append("(data is looked for on this host; --no-data-check skips that, for data only the compute nodes see)")
+    return out
+
+
+def world_change(tree: dict, a) -> str | None:
+    """Why the checkpoint this run would resume from does not fit the planned world size; None if it does."""
+    resume, run_dir = tree["ckpt"]["resume"], os.path.join(tree["run"]["out_dir"], tree["run"]["name"])
+    if resume == "never" or (resume == "auto" and not os.path.isdir(os.path.join(run_dir, "checkpoints"))):
+        return None
+    import torch
+
+    from imnet import checkpoint
+
+    path = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), is_main=False).find_resume(resume)
+    if path is None or not os.path.isfile(path):
+        return None
+    try:  # mmap: only the small entries are read
+        old = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("world")
+    except Exception as e:  # noqa: BLE001 - the run would fail on it the same way
+        return f"{run_dir} would resume from {path}, which cannot be read: {type(e).__name__}: {e}"
+    if old in (None, a.nodes * a.tasks):
+        return None
+    return (f"{run_dir} would resume from {path}, which was trained with world size {old}; this submission plans "
+            f"{a.nodes * a.tasks} ({a.nodes} node(s) x {a.tasks} task(s)): steps per epoch, and so the total steps, "
+            f"would change (a finished run would train further). Ask for {old} tasks in all (--nodes x "
+            "--tasks-per-node, or x --gpus-per-node), or give another run.name, or ckpt.resume=never to train it "
+            "again from scratch")
+
+
+def missing_data(data: dict) -> str | None:
+    """Why data.name's files are not under data.root, as seen from this host (presence only); None if there."""
+    name, root, join = data["name"], data["root"], os.path.join
+    if name in ("synthetic", "digits"):  # generated, or shipped with scikit-learn
+        return None
+    # the layouts: README "Where the files must be"
+    from imnet.data import datasets as ds
+
+    if name in ds.DOWNLOAD_NAMES:
+        missing = [f for split in ds.SPLITS for f in ds.expected_files(name, root, split) if not os.path.isfile(f)]
+        hint = (f"To download it (needs internet), run: python -m imnet.download --dataset {ds.DOWNLOAD_NAMES[name]} "
+                f"--root {root}")
+    elif name == "imagenet":
+        missing = [join(root, split) for split in ds.SPLITS if not os.path.isdir(join(root, split))]
+        hint = ds.IMAGENET_HELP.format(root=root)
+    elif name == "tiny_imagenet":
+        needed = [join(root, "wnids.txt"), join(root, "train"), join(root, "val", "val_annotations.txt")]
+        missing = [f for f in needed if not os.path.exists(f)]
+        hint = f"Download {ds.TINY_IMAGENET_URL} and unzip it; data.root is its tiny-imagenet-200 folder."
+    else:  # h5: train.h5 + val.h5, or data.hdf5 (or data.hy) + id.txt in train/ and val/, or in root
+        from imnet.data import h5
+
+        def old(folder):
+            data_file = any(os.path.isfile(join(folder, n)) for n in h5.OLD_DATA_NAMES)
+            return [join(folder, "data.hdf5")] * (not data_file) + [join(folder, "id.txt")] * (
+                not os.path.isfile(join(folder, "id.txt")))
+        if os.path.isfile(join(root, "train.h5")):
+            missing = [f for f in [join(root, "val.h5")] if not os.path.isfile(f)]
+        elif os.path.isdir(join(root, "train")):
+            missing = old(join(root, "train")) + old(join(root, "val"))
+        else:
+            missing = old(root)
+        hint = h5.HELP.format(root=root)
+    missing = list(dict.fromkeys(missing))  # the torchvision sets need the same files for both splits
+    return f"dataset {name!r} not found: missing {', '.join(missing)}. {hint}" if missing else None
+
+
 def make_executor(a, folder: str, n_runs: int, workers: int):
-    tasks = a.gpus_per_node or a.tasks_per_node or 1
     if a.local:
         ex = submitit.LocalExecutor(folder, max_num_timeout=a.max_requeues)
-        ex.update_parameters(timeout_min=a.minutes, tasks_per_node=tasks, gpus_per_node=a.gpus_per_node, nodes=1)
+        ex.update_parameters(timeout_min=a.minutes, tasks_per_node=a.tasks, gpus_per_node=a.gpus_per_node, nodes=1)
         return ex
     cls = submitit.SlurmExecutor
     if a.dry_run:  # render the script without srun/sbatch on this machine
         cls = type("PreviewExecutor", (submitit.SlurmExecutor,), {"affinity": classmethod(lambda c: 2)})
     ex = cls(folder, max_num_timeout=a.max_requeues)
-    opts = dict(partition=a.partition, account=a.account, qos=a.qos, constraint=a.constraint, mem=a.mem,
-                gpus_per_node=a.gpus_per_node or None, exclusive=a.exclusive or None)
-    ex.update_parameters(job_name=a.job_name, time=a.minutes, nodes=a.nodes, ntasks_per_node=tasks,
+    opts = {"partition": a.partition, "account": a.account, "qos": a.qos, "constraint": a.constraint, "mem": a.mem,
+            "gpus_per_node": a.gpus_per_node or None, "exclusive": a.exclusive or None}
+    ex.update_parameters(job_name=a.job_name, time=a.minutes, nodes=a.nodes, ntasks_per_node=a.tasks,
                          cpus_per_task=a.cpus_per_task or workers + 1, array_parallelism=a.array_parallelism or n_runs,
-                         srun_args=["--kill-on-bad-exit=1"], additional_parameters={"requeue": True},
+                         srun_args=["--kill-on-bad-exit=1"], additional_parameters={"requeue": True, **a.sbatch},
                          **{k: v for k, v in opts.items() if v is not None})
     if a.dry_run and n_runs > 1:
         ex.parameters["map_count"] = n_runs  # what submitit sets for a job array
@@ -226,15 +371,55 @@ def main(argv=None) -> int:
     print(f"follow: tail -f {jobs[0].paths.stdout} {jobs[0].paths.stderr}", flush=True)
     if not (a.wait or a.local):
         return 0
-    failed = 0
+    errors = follow(a, jobs, f"sweep {a.name}" if a.sweep else f"job {jobs[0].job_id}")
     for j in jobs:
-        try:
-            result = j.results()[0]
-            print(f"job {j.job_id} done: {json.dumps(result)}", flush=True)
-        except Exception as e:  # noqa: BLE001 - report every job, then fail
-            failed += 1
-            print(f"job {j.job_id} failed: {e}", file=sys.stderr, flush=True)
-    return 1 if failed else 0
+        if errors[j.job_id]:
+            print(f"job {j.job_id} failed: {errors[j.job_id]}", file=sys.stderr, flush=True)
+        else:
+            print(f"job {j.job_id} done: {json.dumps(j.results()[0])}", flush=True)
+    return 1 if any(errors.values()) else 0
+
+
+def follow(a, jobs, label: str) -> dict:
+    """Until every job has ended, print how many run, are done, failed or wait, whenever that changes,
+    and (Slurm) any job that Slurm keeps pending for a reason it will not overcome by waiting.
+    Returns {job id: its exception, None if it succeeded}."""
+    errors: dict = {}
+    last, warned = None, set()
+    while True:
+        if not a.local:
+            jobs[0].watcher.update()  # one sacct call for every job; states below read its answer
+        states = []
+        for j in jobs:
+            if j.job_id not in errors and j.done():
+                errors[j.job_id] = j.exception()  # None when every task returned
+            if j.job_id in errors:
+                states.append("failed" if errors[j.job_id] else "done")
+            else:
+                states.append("running" if j.state.split()[0] in RUNNING else "pending")
+        counts = ", ".join(f"{states.count(s)} {s}" for s in ("running", "done", "failed", "pending"))
+        if counts != last:
+            print(f"[{time.strftime('%H:%M:%S')}] {label}: {counts}", flush=True)
+            last = counts
+        if "pending" in states and not a.local:
+            for jid, reason in stuck(jobs):
+                if (jid, reason) not in warned:
+                    warned.add((jid, reason))
+                    print(f"[{time.strftime('%H:%M:%S')}] job {jid} pending with reason {reason}: Slurm will not "
+                          f"start it as submitted (scontrol show job {jid} says what it asks for; scancel {jid})",
+                          flush=True)
+        if len(errors) == len(jobs):
+            return errors
+        time.sleep(a.poll)
+
+
+def stuck(jobs) -> list[tuple[str, str]]:
+    """(job id, reason) of the pending jobs whose squeue reason means they will not start as they are."""
+    ids = ",".join(sorted({j.job_id.split("_")[0] for j in jobs}))
+    out = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r", "-j", ids], capture_output=True, text=True,
+                         check=False)  # a job Slurm has forgotten: no row
+    rows = [line.split(None, 1) for line in out.stdout.splitlines()]
+    return [(row[0], row[1]) for row in rows if len(row) == 2 and row[1] in NEVER_STARTS]
 
 
 if __name__ == "__main__":

@@ -4,14 +4,17 @@ The first test that needs it starts the cluster (munged, slurmctld, two slurmd) 
 namespace; it is stopped after the last test here, killing only what it started. Every Slurm
 client and every submission runs inside that namespace. Jobs are 2 CPU ranks (one per node) of
 tiny synthetic runs.
---dry-run, --local and the option errors run without Slurm: fake Slurm commands first on PATH
-record any call, and the tests check none happened.
+--dry-run, --local, the option errors and the checks before submitting (data, world size) run
+without Slurm: fake Slurm commands first on PATH record any call, and the tests check none happened.
 """
 
+import importlib.util
+import itertools
 import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -285,6 +288,118 @@ def test_sweep_runs_as_job_array(cluster, workdir):
     assert sorted(acct[1:]) == [f"{array}_{i}|COMPLETED" for i in range(4)]
 
 
+PROGRESS = r"^\[\d\d:\d\d:\d\d\] {}: (\d+ running, \d+ done, \d+ failed, \d+ pending)$"
+
+
+def test_passed_through_options_and_wait_progress(cluster, workdir):
+    """--slurm options reach Slurm: job A is held (`--slurm hold`, a flag) with a mail type and a
+    comment; a sweep depends on it (`--slurm dependency=afterok:A`) and stays pending until A is
+    released and done. --wait prints the sweep's counts whenever they change; one point fails (its
+    data exists only in its config: --no-data-check submits it anyway), so the exit status is 1."""
+    out = cluster.run(*SUBMIT, "--config", str(workdir / "tiny.yaml"), "--nodes", "1", *CPU_TASKS, "--slurm", "hold",
+                      "--slurm", "mail-type=END", "--slurm", "comment=GN vs BN, it's #1", "run.name=held",
+                      "run.max_steps=2").stdout
+    held = job_id(out)
+    info = cluster.run("scontrol", "show", "job", "-o", held).stdout
+    for field in ("JobState=PENDING", "Reason=JobHeldUser", "MailType=END", "Comment=GN vs BN, it's #1 "):
+        assert field in info, (field, info)
+
+    sweep = workdir / "progress.yaml"
+    sweep.write_text(yaml.safe_dump({"base": str(workdir / "tiny.yaml"), "grid": {"data.name": ["synthetic", "cifar10"]}}))
+    p = subprocess.Popen(cluster.ns(*SUBMIT, "--sweep", str(sweep), "--nodes", "1", *CPU_TASKS, "--slurm",
+                                    f"dependency=afterok:{held}", "--no-data-check", "--wait", "--poll", "0.5",
+                                    f"data.root={workdir}/no-data", "run.max_steps=2"),
+                         cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        head = ""
+        while not re.search(PROGRESS.format("sweep progress"), head, re.MULTILINE):
+            line = p.stdout.readline()
+            assert line, (head, p.communicate())
+            head += line
+        array = re.search(r"as job array (\d+)", head).group(1)
+        pending = cluster.run("squeue", "-h", "-o", "%i %E", "-j", array).stdout
+        assert pending == f"{array}_[0-1%2] afterok:{held}(unfulfilled)\n", pending
+        cluster.run("scontrol", "release", held)
+        out, err = p.communicate(timeout=400)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1, (head, out, err)
+    progress = re.findall(PROGRESS.format("sweep progress"), head + out, re.MULTILINE)
+    assert progress[0] == "0 running, 0 done, 0 failed, 2 pending"  # waiting for the held job
+    assert progress[-1] == "0 running, 1 done, 1 failed, 0 pending", progress
+    assert all(a != b for a, b in itertools.pairwise(progress)), progress  # a line only when the counts change
+    assert all(sum(int(n) for n in re.findall(r"\d+", c)) == 2 for c in progress), progress
+    assert f"job {array}_0 done: " in out and f"job {array}_1 " not in out
+    assert f"job {array}_1 failed: " in err and "FileNotFoundError: dataset 'cifar10' (val) not found" in err
+    assert "pending with reason" not in out  # Dependency: a reason to wait, not one to warn about
+    script = (workdir / "runs" / "progress" / "slurm" / f"{array}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{held}\n" in script
+    assert cluster.finished(held)["JobState"] == "COMPLETED"
+    assert cluster.finished(f"{array}_0")["StartTime"] >= cluster.job(held)["EndTime"]
+
+
+def test_wait_reports_a_job_slurm_will_not_start(cluster, workdir):
+    """10 CPUs per task on 4-CPU nodes: Slurm keeps the job pending for ever (reason PartitionConfig).
+    --wait says so instead of waiting in silence; cancelled, the job counts as failed (exit 1)."""
+    p = subprocess.Popen(cluster.ns(*SUBMIT, "--config", str(workdir / "tiny.yaml"), "--nodes", "1", *CPU_TASKS,
+                                    "--cpus-per-task", "10", "--wait", "--poll", "0.5", "run.name=big"),
+                         cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        head = ""
+        while "pending with reason" not in head:
+            line = p.stdout.readline()
+            assert line, (head, p.communicate())
+            head += line
+        jid = job_id(head)
+        assert re.search(PROGRESS.format(f"job {jid}"), head, re.MULTILINE).group(1) == "0 running, 0 done, 0 failed, 1 pending"
+        assert head.endswith(f"] job {jid} pending with reason PartitionConfig: Slurm will not start it as submitted "
+                             f"(scontrol show job {jid} says what it asks for; scancel {jid})\n"), head
+        cluster.run("scancel", jid)
+        out, err = p.communicate(timeout=200)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1, (head, out, err)
+    assert re.findall(PROGRESS.format(f"job {jid}"), out, re.MULTILINE) == ["0 running, 0 done, 1 failed, 0 pending"]
+    assert f"job {jid} failed: " in err and "(state: CANCELLED)" in err
+
+
+def test_sbatch_template_cpu_recipe_as_written(cluster, tmp_path):
+    """The CPU line of slurm/train.sbatch's header, run as written from a folder laid out like the
+    repository (slurm/, configs/; the job's log lands there), trainer overrides appended to keep it
+    short: 2 nodes x 2 ranks finish. Negative control: without its --cpus-per-task the job asks for
+    the header's 10 CPUs per task, more than a node has, and Slurm keeps it pending (PartitionConfig)."""
+    with open(os.path.join(ROOT, "slurm", "train.sbatch")) as f:
+        header = [line for line in f if line.startswith("#   sbatch ")]
+    recipe = [shlex.split(line[1:]) for line in header if "--gpus-per-node=0" in line]
+    assert len(recipe) == 1 and "--cpus-per-task=1" in recipe[0], header
+    for d in ("slurm", "configs"):
+        (tmp_path / d).symlink_to(os.path.join(ROOT, d))
+    short = ["run.max_steps=4", f"run.out_dir={tmp_path}/runs"]
+
+    control = cluster.run(*[a for a in recipe[0] if not a.startswith("--cpus-per-task")], *short, cwd=tmp_path).stdout
+    cjid = re.search(r"Submitted batch job (\d+)", control).group(1)
+    try:
+        deadline = time.time() + 60
+        while (info := cluster.job(cjid))["Reason"] != "PartitionConfig":
+            assert info["JobState"] == "PENDING" and time.time() < deadline, info
+            time.sleep(0.5)
+        assert info["NumCPUs"] == "40", info  # 2 nodes x 2 tasks x 10
+    finally:
+        cluster.run("scancel", cjid)
+
+    out = cluster.run(*recipe[0], *short, cwd=tmp_path).stdout
+    jid = re.search(r"Submitted batch job (\d+)", out).group(1)
+    info = cluster.finished(jid)
+    log = (tmp_path / f"slurm-imnet-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["NodeList"] == "imnet-node[1-2]", log
+    assert (info["NumNodes"], info["NumTasks"], info["NumCPUs"]) == ("2", "4", "4"), info
+    assert re.search(r"final val top1 [\d.]+ top5 [\d.]+ loss [\d.]+ \(n=360\)", log), log
+    assert json.loads((tmp_path / "runs" / "digits_gn" / "run_info.json").read_text())["world"] == 4
+    assert latest(tmp_path / "runs" / "digits_gn")["step"] == 4
+
+
 def test_local_executor_runs_two_ranks_without_slurm(tmp_path, no_slurm, workdir):
     out = run(isolated([*SUBMIT, "--config", str(workdir / "tiny.yaml"), "--local", "--gpus-per-node", "0",
                         "--tasks-per-node", "2", "run.max_steps=4", f"run.out_dir={tmp_path}", "run.name=loc"]),
@@ -295,6 +410,33 @@ def test_local_executor_runs_two_ranks_without_slurm(tmp_path, no_slurm, workdir
     info = json.load(open(tmp_path / "loc" / "run_info.json"))
     assert info["world"] == 2 and info["launcher"] == "submitit"
     assert latest(tmp_path / "loc")["step"] == 4
+
+    # The same command with one task (what --local gives by default on a machine without GPUs) would
+    # resume the finished run with another world size: other steps per epoch, more steps. Refused,
+    # for --local and Slurm alike, unless the world size matches or ckpt.resume=never.
+    before = metrics(tmp_path / "loc")
+    again = [*SUBMIT, "--config", str(workdir / "tiny.yaml"), "run.max_steps=4", f"run.out_dir={tmp_path}",
+             "run.name=loc"]
+    ckpt = tmp_path / "loc" / "checkpoints" / "ckpt_00000004.pt"
+    for how in (["--local"], ["--local", "--gpus-per-node", "0", "--tasks-per-node", "1"], [*CPU_TASKS, "--dry-run"]):
+        p = run([*again, *how], env=no_slurm, check=False)
+        assert p.returncode == 2, (how, p.stdout, p.stderr)
+        assert p.stderr.endswith(
+            f"launch/submit.py: error: nothing submitted:\n  {tmp_path}/loc would resume from {ckpt}, which was "
+            "trained with world size 2; this submission plans 1 (1 node(s) x 1 task(s)): steps per epoch, and so "
+            "the total steps, would change (a finished run would train further). Ask for 2 tasks in all (--nodes x "
+            "--tasks-per-node, or x --gpus-per-node), or give another run.name, or ckpt.resume=never to train it "
+            "again from scratch\n"), (how, p.stderr)
+    assert metrics(tmp_path / "loc") == before
+    for ok in (["--nodes", "2", *CPU_TASKS], ["--tasks-per-node", "2", "--gpus-per-node", "0"],
+               [*CPU_TASKS, "ckpt.resume=never"], [*CPU_TASKS, "run.name=other"]):
+        assert "#SBATCH --signal=USR2@90\n" in run([*again, *ok, "--dry-run"], env=no_slurm).stdout
+    # a checkpoint that cannot be read would fail the run the same way: said before submitting
+    (tmp_path / "bad" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "bad" / "checkpoints" / "ckpt_00000001.pt").write_bytes(b"not a checkpoint")
+    p = run([*again, *CPU_TASKS, "run.name=bad", "--dry-run"], env=no_slurm, check=False)
+    assert p.returncode == 2 and (f"error: nothing submitted:\n  {tmp_path}/bad would resume from {tmp_path}/bad/"
+                                  "checkpoints/ckpt_00000001.pt, which cannot be read: ") in p.stderr, p.stderr
 
 
 def test_dry_run_prints_the_sbatch_script_without_slurm(tmp_path, no_slurm, workdir):
@@ -327,12 +469,21 @@ def test_dry_run_of_a_sweep(tmp_path, no_slurm, workdir):
 
 def test_the_shipped_sweep_validates_every_point(tmp_path, no_slurm):
     """configs/sweeps/cifar10_batch.yaml (GN vs BN x 5 batch sizes), from another folder: its base
-    config resolves next to the sweep file and all 10 points pass validation."""
+    config resolves next to the sweep file and all 10 points pass validation and the data check
+    (data.root=data, relative to where submit.py runs: empty files of CIFAR-10's names suffice)."""
+    cifar = tmp_path / "data" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (cifar / name).touch()
     out = run([*SUBMIT, "--sweep", os.path.join(ROOT, "configs", "sweeps", "cifar10_batch.yaml"), *CPU_TASKS,
                "data.loader=gpu", f"run.out_dir={tmp_path}", "--dry-run"], env=no_slurm, cwd=tmp_path).stdout
-    assert "#SBATCH --array=0-9%10\n" in out  # all at once unless --array-parallelism
-    for norm in ("gn", "bn"):
-        for b in (32, 16, 8, 4, 2):
+    with open(os.path.join(ROOT, "configs", "sweeps", "cifar10_batch.yaml")) as f:
+        grid = yaml.safe_load(f)["grid"]
+    n = len(grid["model.norm"]) * len(grid["data.batch_size"])
+    assert grid["model.norm"][:2] == ["gn", "bn"] and n >= 10
+    assert f"#SBATCH --array=0-{n - 1}%{n}\n" in out  # all at once unless --array-parallelism
+    for norm in grid["model.norm"]:
+        for b in grid["data.batch_size"]:
             assert f"# would run {tmp_path}/cifar10_batch/norm={norm},batch_size={b}\n" in out
 
 BAD = [
@@ -352,6 +503,26 @@ BAD = [
     (["--sweep", "SWEEP", "--config", "CONFIG"], "and the sweep's base"),
     (["--sweep", "BADSWEEP"], "sweep point norm=xx: model.norm: Input should be"),
     (["--sweep", "no/such/sweep.yaml"], "--sweep: no such file"),
+    (["--slurm", "nodes=2"], "--slurm nodes: imnet sets this sbatch option itself: use --nodes\n"),
+    (["--slurm", "ntasks-per-node=2"], ("--slurm ntasks-per-node: imnet sets this sbatch option itself: use "
+                                        "--tasks-per-node (CPU tasks) or --gpus-per-node (a task per GPU)\n")),
+    (["--slurm", "signal=USR1@60"], "--slurm signal: imnet sets this sbatch option itself: USR2 90 s before"),
+    (["--slurm", "output=x.log"], "--slurm output: imnet sets this sbatch option itself: use --folder\n"),
+    (["--slurm", "array=0-3"], "--slurm array: imnet sets this sbatch option itself: --sweep makes the job array"),
+    (["--slurm", "mail_type=END"], ("--slurm 'mail_type=END': expected KEY=VALUE (or KEY alone, a flag) with KEY "
+                                    "an sbatch long option name (letters, digits, '-'), e.g. mail-type=END (sbatch "
+                                    "spells it mail-type)\n")),
+    (["--slurm", "x=1"], "--slurm 'x=1': expected KEY=VALUE (or KEY alone, a flag) with KEY an sbatch"),
+    (["--slurm", "mail-type="], "--slurm 'mail-type=': the value must be non-empty, without control characters"),
+    (["--slurm", "comment=a\nb"], ("--slurm 'comment=a\\nb': the value must be non-empty, without control "
+                                    "characters (a newline would break the batch script)\n")),
+    (["--slurm", "mail-type=END", "--slurm", "mail-type=FAIL"], "--slurm mail-type given twice\n"),
+    (["--slurm", "account=a", "--account", "b"], "--slurm account=a and --account b: give one\n"),
+    (["--slurm", "qos=a;b"], "--qos 'a;b': use letters, digits"),
+    (["--slurm", "partition"], "--slurm partition: needs a value (--slurm partition=VALUE)\n"),
+    (["--constraint", "a\nb"], "--constraint 'a\\nb': no control characters\n"),
+    (["--local", "--slurm", "mail-type=END"], "--slurm options are for Slurm: not with --local\n"),
+    (["--wait", "--poll", "0"], "--poll must be more than 0 seconds (got 0.0)\n"),
 ]
 
 
@@ -369,3 +540,129 @@ def test_bad_options_fail_before_submitting(tmp_path, no_slurm, workdir, args, m
     assert message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
     assert not os.path.exists(tmp_path / "runs")
+
+
+# ------------------------------------------------------------ other sbatch options, checks before submitting
+
+def test_dry_run_passes_other_sbatch_options_through(tmp_path, no_slurm, workdir):
+    """--slurm KEY=VALUE -> one `#SBATCH --KEY=VALUE` line each (shell-quoted where needed; sbatch
+    unquotes #SBATCH values as a shell would); KEY alone is a flag; a key with an option of its
+    own (account, qos, constraint, ...) sets that option, so it is written once."""
+    out = run([*SUBMIT, "--config", str(workdir / "tiny.yaml"), *CPU_TASKS, "--slurm", "mail-type=END",
+               "--slurm", "mail-user=me@lab.org", "--slurm", "dependency=afterok:123", "--slurm", "account=lab",
+               "--slurm", "qos=high", "--slurm", "constraint=a100&ib", "--slurm", "comment=GN vs BN, it's #1",
+               "--slurm", "overcommit", "--slurm", "wckey=norm", f"run.out_dir={tmp_path}", "--dry-run"],
+              env=no_slurm).stdout
+    for line in ["--mail-type=END", "--mail-user=me@lab.org", "--dependency=afterok:123", "--account=lab",
+                 "--qos=high", "--constraint='a100&ib'", "--comment='GN vs BN, it'\"'\"'s #1'", "--overcommit",
+                 "--wckey=norm", "--nodes=1", "--ntasks-per-node=1", "--signal=USR2@90", "--requeue"]:
+        assert f"#SBATCH {line}\n" in out, (line, out)
+    sbatch = [line.split("=")[0] for line in out.splitlines() if line.startswith("#SBATCH ")]
+    assert len(sbatch) == len(set(sbatch)), sbatch  # every option once (wckey: ours replaced submitit's)
+
+
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+DATA_HINT = "(data is looked for on this host; --no-data-check skips that, for data only the compute nodes see)"
+
+
+def data_cases(root):
+    """(data.name, files made under root, the error's line) for each dataset with files."""
+    cifar = [f"{root}/cifar-10-batches-py/{n}" for n in
+             [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]]
+    mnist = [f"{root}/MNIST/raw/{s}-{k}-idx{d}-ubyte" for s in ("train", "t10k")
+             for k, d in (("images", 3), ("labels", 1))]
+    imagenet_help = (f"Expected layout: {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG, one folder per "
+                     "class with the same class folders in both.")
+    h5_help = f"Expected either the fast layout {root}/train.h5 + {root}/val.h5 (write it with"
+    download = "To download it (needs internet), run: python -m imnet.download --dataset {} --root " + root
+    return [
+        ("cifar10", cifar[1:], f"dataset 'cifar10' not found: missing {cifar[0]}. {download.format('CIFAR10')}\n"),
+        ("mnist", [], f"dataset 'mnist' not found: missing {', '.join(mnist)}. {download.format('MNIST')}\n"),
+        ("svhn", [f"{root}/train_32x32.mat"],
+         f"dataset 'svhn' not found: missing {root}/test_32x32.mat. {download.format('SVHN')}\n"),
+        ("imagenet", [f"{root}/train/n01440764/a.JPEG"], f"dataset 'imagenet' not found: missing {root}/val. "
+                                                         + imagenet_help),
+        ("tiny_imagenet", [f"{root}/wnids.txt", f"{root}/train/n01443537/images/a.JPEG"],
+         f"dataset 'tiny_imagenet' not found: missing {root}/val/val_annotations.txt. Download {TINY_URL} and unzip it; "
+         + "data.root is its tiny-imagenet-200 folder.\n"),
+        ("h5", [f"{root}/train.h5"], f"dataset 'h5' not found: missing {root}/val.h5. {h5_help}"),
+        ("h5", [f"{root}/train/data.hy", f"{root}/val/id.txt"],
+         f"dataset 'h5' not found: missing {root}/train/id.txt, {root}/val/data.hdf5. {h5_help}"),
+        ("h5", [f"{root}/id.txt"], f"dataset 'h5' not found: missing {root}/data.hdf5. {h5_help}"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def submit_py():
+    """launch/submit.py as a module, for its checks in this process."""
+    spec = importlib.util.spec_from_file_location("imnet_launch_submit", os.path.join(ROOT, "launch", "submit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("case", range(8), ids=["cifar10", "mnist", "svhn", "imagenet", "tiny_imagenet", "h5-fast",
+                                                "h5-folders", "h5-one-file"])
+def test_missing_data_says_what_is_missing(tmp_path, submit_py, case):
+    """Each dataset's files (README "Where the files must be"): what is missing, where, how to get it;
+    None once the last one is there. Only presence counts (empty files here)."""
+    root = tmp_path / "data"
+    name, files, message = data_cases(str(root))[case]
+    for f in files:
+        os.makedirs(os.path.dirname(f), exist_ok=True)
+        open(f, "w").close()
+    got = submit_py.missing_data({"name": name, "root": str(root)})
+    if message.endswith("\n"):  # the whole message
+        assert got == message[:-1]
+    else:  # its start: the rest is imnet's layout help
+        assert got.startswith(message), got
+    for missing in re.search(r"missing (.*?)\. [A-Z]", got).group(1).split(", "):
+        os.makedirs(os.path.dirname(missing), exist_ok=True)
+        os.mkdir(missing) if missing.endswith("/val") else open(missing, "w").close()
+    assert submit_py.missing_data({"name": name, "root": str(root)}) is None
+    for name in ("synthetic", "digits"):  # generated, or shipped with scikit-learn
+        assert submit_py.missing_data({"name": name, "root": str(tmp_path / "none")}) is None
+
+
+def test_data_check_before_submitting(tmp_path, no_slurm, workdir):
+    """A dataset that data.root lacks, as this host sees it, stops the submission (exit 2, nothing
+    submitted); --dry-run checks too, since it shows what a submission would do; --no-data-check
+    skips the check; with the files in place the same command passes."""
+    root = tmp_path / "data"
+    name, files, message = data_cases(str(root))[0]  # cifar10, one file missing
+    for f in files:
+        os.makedirs(os.path.dirname(f), exist_ok=True)
+        open(f, "w").close()
+    cmd = [*SUBMIT, "--config", str(workdir / "tiny.yaml"), *CPU_TASKS, f"data.name={name}", f"data.root={root}",
+           f"run.out_dir={tmp_path}/runs", "--dry-run"]
+    p = run(cmd, env=no_slurm, check=False)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stderr.endswith(f"launch/submit.py: error: nothing submitted:\n  {message}  {DATA_HINT}\n"), p.stderr
+    assert p.stdout == ""
+    assert "#SBATCH --nodes=1\n" in run([*cmd, "--no-data-check"], env=no_slurm).stdout
+    open(root / "cifar-10-batches-py" / "data_batch_1", "w").close()
+    assert "#SBATCH --nodes=1\n" in run(cmd, env=no_slurm).stdout
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_data_check_reports_every_sweep_point(tmp_path, no_slurm, workdir):
+    """Every point whose data is missing, grouped by problem; points with their data pass."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "ds", "grid": {"data.name": ["synthetic", "svhn", "cifar10"],
+                                                            "run.seed": [0, 1]}}))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "test_32x32.mat").touch()
+    p = run([*SUBMIT, "--config", str(workdir / "tiny.yaml"), "--sweep", str(sweep), *CPU_TASKS, f"data.root={root}",
+             f"run.out_dir={tmp_path}/runs"], env=no_slurm, check=False)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    cifar = ", ".join(f"{root}/cifar-10-batches-py/{n}" for n in
+                      [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+    assert p.stderr.endswith(
+        "launch/submit.py: error: nothing submitted:\n"
+        f"  sweep points name=svhn,seed=0; name=svhn,seed=1: dataset 'svhn' not found: missing {root}/train_32x32.mat. "
+        f"To download it (needs internet), run: python -m imnet.download --dataset SVHN --root {root}\n"
+        f"  sweep points name=cifar10,seed=0; name=cifar10,seed=1: dataset 'cifar10' not found: missing {cifar}. "
+        f"To download it (needs internet), run: python -m imnet.download --dataset CIFAR10 --root {root}\n"
+        f"  {DATA_HINT}\n"), p.stderr
+    assert p.stdout == "" and not os.path.exists(tmp_path / "runs")
