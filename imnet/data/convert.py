@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.image_size is not None and args.image_size < 1:
         p.error(f"--image-size must be a positive number of pixels, got {args.image_size}")
 
-    writers: list[h5.Writer] = []
-    try:
-        mean_std = None
+    mean_std = None
+    with h5.split_writers() as writers:
         for split in SPLITS:  # train first: its mean/std go into both files
             ds, info = build_dataset(args.dataset, args.root, split, augment=False, image_size=args.image_size)
             w = _writer(os.path.join(args.out, f"{split}.h5"), ds, info, hflip=getattr(ds, "flip", True))
@@ -98,11 +97,6 @@ def main(argv: list[str] | None = None) -> int:
             mean_std = mean_std or w.stats()
             w.close(*mean_std)
             del ds  # a split can be GBs: let it go before the next one is built
-        for w in reversed(writers):  # val.h5 first, train.h5 (the layout marker) last
-            w.publish()
-    finally:
-        for w in writers:
-            w.discard()
     for w in writers:
         h_, w_, c = w.shape
         print(f"wrote {w.path}: {w.n} images {h_}x{w_}x{c} uint8 (N, H, W, C), labels int64, "

@@ -38,6 +38,7 @@ worker closes its inherited copy and reopens) and is never pickled. Readers open
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -342,6 +343,21 @@ def build(root: str, split: str, *, augment: bool, image_size: int | None) -> tu
 
 
 # --------------------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def split_writers():
+    """`with split_writers() as writers:` collects the Writers of a set's splits; a block that ends
+    cleanly publishes them last first (val.h5 before train.h5, whose presence selects the fast
+    layout), and any exit removes what was not published."""
+    writers: list[Writer] = []
+    try:
+        yield writers
+        for w in reversed(writers):
+            w.publish()
+    finally:
+        for w in writers:
+            w.discard()
 
 
 class Writer:
