@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -78,7 +78,7 @@ def _scalars(record: dict) -> dict:
     """The chartable numbers of a record, under their sink keys."""
     skip = {"split", "step", "epoch", "time", "n"}
     return {_key(record["split"], k): float(v) for k, v in record.items()
-            if k not in skip and isinstance(v, (int, float)) and v is not None}
+            if k not in skip and isinstance(v, (int, float))}
 
 
 class TensorBoardSink:

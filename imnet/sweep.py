@@ -7,8 +7,9 @@
 A sweep file (the same files `launch/submit.py --sweep` takes) holds `name`, an optional `base`
 config (a path relative to the sweep file works), optionally `set: {key.sub: value}` (applied to
 every point), `grid: {key.sub: [values]}` and optionally `exclude: [{key.sub: value, ...}]`
-(combinations left out); every other combination is a point, run in `<run.out_dir>/<name>/<point>` (e.g. `norm=gn,batch_size=2,seed=0`).
-Keys given on the command line apply to every point.
+(combinations left out); every other combination is a point, run in
+`<run.out_dir>/<name>/<point>` (e.g. `norm=gn,batch_size=2,seed=0`). Keys given on the command line
+apply to every point (and win over `set:`).
 
 Resumable: a point whose run ended (its run folder holds `DONE`, written by the trainer at the end
 of the run) is skipped; a point that was killed resumes from its checkpoint (ckpt.resume=auto);
@@ -182,7 +183,11 @@ def main(argv=None) -> int:
             continue
         print(f"[{i}/{total}] {name}: {state}", flush=True)
         t0 = time.monotonic()
-        rc = subprocess.run(cmd).returncode
+        try:
+            rc = subprocess.run(cmd).returncode
+        except KeyboardInterrupt:  # Ctrl-C reached torchrun too: the point resumes on the next run
+            print(f"[{i}/{total}] {name}: interrupted; run the same command again to go on", flush=True)
+            return 130
         took = time.monotonic() - t0
         if rc == 0 and is_done(folder):
             print(f"[{i}/{total}] {name}: done in {took:.0f} s", flush=True)

@@ -187,7 +187,8 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
         if result.get("step") != step:  # no validation yet at the final step
             result = validate()
     except BaseException:
-        log.close(exit_code=1)
+        for note in log.close(exit_code=1):  # e.g. how to upload the offline W&B run of the failed attempt
+            log.print(note)
         raise
     if d.is_main:
         done = json.dumps({"step": step, **result}) + "\n"

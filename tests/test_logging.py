@@ -24,10 +24,10 @@ VAL_KEYS = {"val/loss", "val/top1", "val/top5"}
 def wandb_env(tmp_path, **extra):
     # no credentials, no user settings: what a compute node without W&B set up has
     env = child_env(HOME=str(tmp_path / "home"), WANDB_CONFIG_DIR=str(tmp_path / "home" / ".config" / "wandb"),
-                    WANDB_CACHE_DIR=str(tmp_path / "home" / ".cache"), **extra)
+                    WANDB_CACHE_DIR=str(tmp_path / "home" / ".cache"))
     for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_ENTITY"):
         env.pop(k, None)
-    return env
+    return {**env, **extra}
 
 
 def run_files(run_dir) -> list[str]:
@@ -159,6 +159,15 @@ def test_signal_stop_marks_the_run_preempted_and_an_error_finishes_it_with_exit_
     assert p.returncode == 1 and "FloatingPointError: 2 non-finite losses in a row" in p.stderr
     recs = kinds(run_files(tmp_path / "nan")[0])
     assert recs["exit"][0].exit.exit_code == 1 and "preempting" not in recs
+    run_id = open(tmp_path / "nan" / log.WANDB_ID).read().strip()
+    assert p.stdout.rstrip().splitlines()[-1].startswith(f"W&B run {run_id} is offline; upload it with: wandb sync ")
+
+
+def test_wandb_mode_disabled_keeps_its_meaning(tmp_path, small_run):
+    p = run(single("imnet.train", *small_run("off", "log.wandb=offline", "run.max_steps=2")),
+            env=wandb_env(tmp_path, WANDB_MODE="disabled"))
+    assert run_files(tmp_path / "off") == [] and "wandb sync" not in p.stdout
+    assert json.load(open(tmp_path / "off" / log.DONE))["step"] == 2
 
 
 @pytest.mark.slow

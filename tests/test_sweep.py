@@ -147,3 +147,52 @@ def test_only_filters_points(tmp_path):
     out = run(single(*SWEEP[1:], path, "--dry-run", "--only", "model.norm=bn", "--only", "data.batch_size=2",
                      f"run.out_dir={tmp_path}")).stdout
     assert "sweep s4: 1 point, 1 process(es) each" in out and "[1/1] norm=bn,batch_size=2: would run" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_and_the_rerun_goes_on(tmp_path):
+    """SIGINT to the sweep's process group (what Ctrl-C in a terminal sends): no traceback, exit 130,
+    the interrupted point is not done, and the same command then finishes it."""
+    import signal
+
+    path = write_sweep(tmp_path, {"data.batch_size": [8]}, name="c1")
+    cmd = _sweep_cmd(path, tmp_path, "run.max_steps=400")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    folder = tmp_path / "c1" / "batch_size=8"
+    deadline = time.monotonic() + 200
+    while not (os.path.exists(folder / "metrics.jsonl") and metrics(folder)):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (out, err)
+    assert "[1/1] batch_size=8: interrupted; run the same command again to go on" in out
+    assert 'imnet/sweep.py", line' not in err  # no traceback of the sweep's own (torchrun's workers may print theirs)
+    assert not os.path.exists(folder / sweep.DONE)
+    out = run(cmd, timeout=300).stdout
+    assert "[1/1] batch_size=8: done in" in out and json.load(open(folder / sweep.DONE))["step"] == 89
+
+
+SWEEP_FILE_ERRORS = [
+    ({"grid": {"model.norm": ["gn"]}, "exclude": [{"model.arch": "small"}]},
+     "exclude: {'model.arch': 'small'} is not a mapping of grid keys to grid values"),
+    ({"grid": {"model.norm": ["gn"]}, "exclude": [{"model.norm": "gn"}]}, "exclude leaves no point"),
+    ({"grid": {"model.norm": ["gn"]}, "set": {"model.norm": "bn"}},
+     "set: must map keys that are not grid keys to one value each"),
+    ({"grid": {"model.norm": []}}, "grid.model.norm has no values"),
+    ({"grid": {"run.name": ["a"]}}, "grid.run.name: each point's run folder is named after its values"),
+    ({"grid": {"model.norm": ["gn"]}, "seeds": [1]}, "expected a mapping with `grid: {key.sub: [values]}`"),
+]
+
+
+@pytest.mark.parametrize("doc,message", SWEEP_FILE_ERRORS, ids=[m[:30] for _, m in SWEEP_FILE_ERRORS])
+def test_sweep_file_errors_name_the_file_and_the_problem(tmp_path, doc, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError) as e:
+        sweep.load_sweep(str(path))
+    assert str(e.value).startswith(f"--sweep {path}: ") and message in str(e.value)
+    (tmp_path / "syntax.yaml").write_text("grid: {model.norm: [gn\n")
+    with pytest.raises(ValueError, match=f"--sweep {tmp_path}/syntax.yaml: not valid YAML"):
+        sweep.load_sweep(str(tmp_path / "syntax.yaml"))
