@@ -26,6 +26,7 @@ import time
 from typing import Optional
 
 from imnet import wandb_file
+from imnet.checkpoint import atomic_write
 
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb_id"   # in the run folder: the W&B run id, made once
@@ -96,6 +97,9 @@ class TensorBoardSink:
 
     def close(self, summary: dict, exit_code: int, preempted: bool) -> None:
         self.writer.close()
+
+    def sync_hint(self) -> None:
+        return None  # event files are read where they are
 
 
 class WandbSink:
@@ -169,12 +173,7 @@ def _run_id(run_dir: str) -> str:
     import secrets
 
     run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(run_id + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(f"{run_id}\n".encode()))
     return run_id
 
 
@@ -269,6 +268,6 @@ class Logger:
         summary, hints = self.summary(), []
         for sink in self.sinks:
             sink.close(summary, 128 + signum if signum else exit_code, preempted=signum is not None)
-            if hasattr(sink, "sync_hint") and (hint := sink.sync_hint()):
+            if hint := sink.sync_hint():
                 hints.append(hint)
         return hints
