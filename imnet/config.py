@@ -121,7 +121,7 @@ class LogCfg(Section):
     # W&B (pip install ".[wandb]"): off | offline (files in runs/<name>/wandb/, `wandb sync` later) | online.
     # WANDB_MODE and the other WANDB_* variables keep their meaning (WANDB_MODE=disabled wins).
     wandb: Literal["off", "offline", "online"] = "off"
-    wandb_project: str = "imnet"
+    wandb_project: Optional[str] = None  # None: $WANDB_PROJECT, else "imnet"
     wandb_entity: Optional[str] = None
     wandb_tags: tuple[str, ...] = ()    # added to the tags imnet sets (norm, images per GPU, dataset, ...)
     tensorboard: bool = False           # event files in runs/<name>/tb/ (pip install ".[tensorboard]")

@@ -281,7 +281,7 @@ class DeepSpeedEngine:
         if run_dir and d.is_main:  # the resolved DeepSpeed JSON, next to config.yaml
             os.makedirs(run_dir, exist_ok=True)
             checkpoint.atomic_write(os.path.join(run_dir, "deepspeed.json"),
-                                     lambda f: f.write(json.dumps(self.ds_config, indent=2).encode()))
+                                    lambda f: f.write(json.dumps(self.ds_config, indent=2).encode()))
 
     def train_step(self, micro_batches: list, lr: float, stop_requested: bool = False) -> StepOut:
         self.module.train()

@@ -141,8 +141,8 @@ def test_online_without_credentials_is_a_clear_error_at_start(tmp_path, small_ru
 
 def test_signal_stop_marks_the_run_preempted_and_an_error_finishes_it_with_exit_code_1(tmp_path, small_run):
     cmd = single("imnet.train", *small_run("sig", "log.wandb=offline", "run.epochs=50", "log.every_steps=1"))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=wandb_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=wandb_env(tmp_path, WANDB_PROJECT="study"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not (os.path.exists(tmp_path / "sig" / "metrics.jsonl") and metrics(tmp_path / "sig")):
         assert proc.poll() is None and time.monotonic() < deadline
@@ -152,6 +152,7 @@ def test_signal_stop_marks_the_run_preempted_and_an_error_finishes_it_with_exit_
     assert "stopped by signal at step" in out
     recs = kinds(run_files(tmp_path / "sig")[0])
     assert len(recs["preempting"]) == 1 and recs["exit"][0].exit.exit_code == 128 + signal.SIGTERM
+    assert recs["run"][0].run.project == "study"  # log.wandb_project unset: WANDB_PROJECT keeps its meaning
     assert not os.path.exists(tmp_path / "sig" / log.DONE)
 
     p = run(single("imnet.train", *small_run("nan", "log.wandb=offline", "optim.base_lr=1e30", "dist.max_nonfinite=2")),

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from imnet.config import NATIVE_IMAGE_SIZE
 from imnet.data import transforms as tf
 
 NAMES = ("synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet", "tiny_imagenet", "h5")
@@ -251,9 +252,9 @@ def _read(name: str, root: str, split: str, read: Callable[[], tuple[Any, Any]])
                            f"corrupt or partially downloaded: {e}. Delete them and re-download with: {hint}") from e
 
 
-def _in_memory(name: str, images: torch.Tensor, targets: Any, req: _Request, num_classes: int,
-               native: int) -> tuple[Dataset, DatasetInfo]:
-    size = req.image_size or native
+def _in_memory(name: str, images: torch.Tensor, targets: Any, req: _Request,
+               num_classes: int) -> tuple[Dataset, DatasetInfo]:
+    size = req.image_size or NATIVE_IMAGE_SIZE[name]
     images = tf.resize_uint8(images, size)  # no-op at the native size
     mean, std = _STATS[name]
     ds = TensorImageDataset(images, torch.as_tensor(targets), mean, std, augment=req.augment, flip=_FLIP[name])
@@ -276,7 +277,7 @@ class _Request:
 
 
 def _build_synthetic(req: _Request) -> tuple[Dataset, DatasetInfo]:
-    size, c = req.image_size or 32, req.synthetic_channels
+    size, c = req.image_size or NATIVE_IMAGE_SIZE["synthetic"], req.synthetic_channels
     ds = SyntheticDataset(req.synthetic_size, req.synthetic_classes, c, size, req.split, req.seed,
                           augment=req.augment)
     return ds, DatasetInfo(req.synthetic_classes, c, size, (0.0,) * c, (1.0,) * c)
@@ -297,14 +298,14 @@ def _build_digits(req: _Request) -> tuple[Dataset, DatasetInfo]:
     idx = torch.tensor(sorted(part))
     # 0..16 ink levels -> 0..255 uint8, one channel, 8x8 px; _in_memory upsamples to 32 px (native).
     images = (torch.from_numpy(digits.images).float() * (255 / 16)).round().to(torch.uint8)[idx, None]
-    return _in_memory("digits", images, torch.from_numpy(digits.target)[idx], req, 10, 32)
+    return _in_memory("digits", images, torch.from_numpy(digits.target)[idx], req, 10)
 
 
 def _build_mnist_like(name: str, cls: type) -> Callable[[_Request], tuple[Dataset, DatasetInfo]]:
     def build(req: _Request) -> tuple[Dataset, DatasetInfo]:
         ds = _read(name, req.root, req.split,
                    lambda: cls(req.root, train=req.split == "train", download=False))
-        return _in_memory(name, ds.data[:, None].contiguous(), ds.targets, req, 10, 28)
+        return _in_memory(name, ds.data[:, None].contiguous(), ds.targets, req, 10)
 
     return build
 
@@ -312,14 +313,14 @@ def _build_mnist_like(name: str, cls: type) -> Callable[[_Request], tuple[Datase
 def _build_cifar10(req: _Request) -> tuple[Dataset, DatasetInfo]:
     ds = _read("cifar10", req.root, req.split, lambda: _CIFAR10(req.root, train=req.split == "train"))
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC numpy -> NCHW
-    return _in_memory("cifar10", images, ds.targets, req, 10, 32)
+    return _in_memory("cifar10", images, ds.targets, req, 10)
 
 
 def _build_svhn(req: _Request) -> tuple[Dataset, DatasetInfo]:
     split = "train" if req.split == "train" else "test"
     ds = _read("svhn", req.root, req.split, lambda: _SVHN(req.root, split=split))
     images = torch.from_numpy(ds.data).contiguous()  # torchvision already made it (N, C, H, W)
-    return _in_memory("svhn", images, torch.from_numpy(ds.labels), req, 10, 32)  # label 10 -> 0 done
+    return _in_memory("svhn", images, torch.from_numpy(ds.labels), req, 10)  # label 10 -> 0 done
 
 
 IMAGENET_HELP = (
@@ -331,7 +332,7 @@ IMAGENET_HELP = (
 
 
 def _build_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
-    size = req.image_size or 224
+    size = req.image_size or NATIVE_IMAGE_SIZE["imagenet"]
     folder = os.path.join(req.root, req.split)
     help_ = IMAGENET_HELP.format(root=req.root)
     try:
@@ -352,7 +353,7 @@ def _build_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
 
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-_TINY_SIZE = 64  # px: every Tiny ImageNet image is 64 x 64
+_TINY_SIZE = NATIVE_IMAGE_SIZE["tiny_imagenet"]  # px: every Tiny ImageNet image is 64 x 64
 
 
 def _tiny_imagenet_files(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -418,7 +419,7 @@ def _build_tiny_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
             raise ValueError(f"tiny_imagenet image {path} is {pixels.shape[1]}x{pixels.shape[0]} px, expected "
                              f"{_TINY_SIZE}x{_TINY_SIZE}")
         images[i] = torch.from_numpy(pixels).permute(2, 0, 1)
-    ds, info = _in_memory("tiny_imagenet", images, [y for _, y in files], req, len(wnids), _TINY_SIZE)
+    ds, info = _in_memory("tiny_imagenet", images, [y for _, y in files], req, len(wnids))
     ds.classes = wnids
     return ds, info
 
