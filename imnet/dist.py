@@ -19,6 +19,16 @@ import torch
 import torch.distributed as tdist
 
 
+# Exit status of a run stopped by a signal after writing its checkpoint: run the same command again to
+# resume. 75 is EX_TEMPFAIL ("temporary failure, retry"); slurm/train.sbatch requeues on it, and a Slurm
+# admin can list it in slurm.conf's RequeueExit.
+EXIT_STOPPED = 75
+
+# The process group times out this long after dist.timeout_s: a training step that waits longer than
+# dist.timeout_s is reported first, by the heartbeat watchdog, which names the rank it waits for.
+PG_GRACE_S = 30
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int
@@ -92,7 +102,7 @@ def setup(cfg) -> Dist:
     if world > 1:
         if not tdist.is_initialized():
             tdist.init_process_group(backend, rank=rank, world_size=world,
-                                     timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                                     timeout=datetime.timedelta(seconds=cfg.timeout_s + PG_GRACE_S),
                                      device_id=device if device.type == "cuda" else None)
     elif deepspeed:
         # DeepSpeed needs a process group even for one process (without one it goes looking for MPI):
@@ -103,6 +113,23 @@ def setup(cfg) -> Dist:
     else:
         backend = None
     return Dist(rank, world, local_rank, device, backend, launcher)
+
+
+def report_error(message: str) -> None:
+    """`message` on stderr, and in torchrun's error file (a no-op outside torchrun), so torchrun's
+    failure summary shows it as this rank's error."""
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        try:
+            raise RuntimeError(message)
+        except RuntimeError as e:  # raised: torchrun's summary prints the traceback text, which then holds it
+            ErrorHandler().record_exception(e)
+    except Exception:  # noqa: BLE001 - the message is on stderr either way
+        pass
 
 
 def active() -> bool:

@@ -4,6 +4,7 @@ per-step all-reduce that keeps every rank's decisions (skip a non-finite step, s
 Two engines behind one small interface: DDP (default) and DeepSpeed (dist.backend=deepspeed, ZeRO 0-3):
     out = engine.train_step(micro_batches, lr, stop_requested)   # -> StepOut
     engine.save(ckpt, state, step) / state = engine.load(path)   # every rank calls both
+    engine.restore(state, path)                                  # load, for a dict already read
     engine.state_dict() / engine.load_state_dict(sd) / engine.module (the bare model, for eval & save)
 """
 
@@ -148,7 +149,10 @@ class DDPEngine:
 
     def load(self, path: str) -> dict:
         """Every rank calls: restore the engine from checkpoint `path`; returns the whole saved dict."""
-        state = checkpoint.load(path)
+        return self.restore(checkpoint.load(path), path)
+
+    def restore(self, state: dict, path: str) -> dict:
+        """`load` for a checkpoint dict already read from `path` (the trainer checks it before restoring)."""
         if "deepspeed" in state:
             raise RuntimeError(f"{path} was written by dist.backend=deepspeed (its optimizer state is sharded "
                                "in a DeepSpeed folder): resume it with dist.backend=deepspeed, or start afresh "
@@ -392,7 +396,10 @@ class DeepSpeedEngine:
     def load(self, path: str) -> dict:
         """Every rank calls: DeepSpeed's folder named by imnet's .pt file `path` (next to it) restores the
         weights, fp32 masters and optimizer shards; returns the .pt's dict (step, RNG states, ...)."""
-        state = checkpoint.load(path)
+        return self.restore(checkpoint.load(path), path)
+
+    def restore(self, state: dict, path: str) -> dict:
+        """`load` for the .pt's dict already read from `path`."""
         tag = state.get("deepspeed")
         if tag is None:
             raise RuntimeError(f"{path} was not written by dist.backend=deepspeed (it has no DeepSpeed folder): "
@@ -405,6 +412,13 @@ class DeepSpeedEngine:
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load {os.path.join(folder, tag)}")
         return state
+
+
+def shapes(module: torch.nn.Module) -> dict[str, tuple]:
+    """State-dict key -> shape of every parameter and buffer (ZeRO-3's real shape, not its placeholder's)."""
+    out = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+    out.update({n: tuple(b.shape) for n, b in module.named_buffers()})
+    return out
 
 
 def build(cfg, model: torch.nn.Module, d: imdist.Dist, run_dir: str | None = None):

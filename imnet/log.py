@@ -15,6 +15,7 @@ its run files), so no step is lost or charted twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import time
 from typing import Optional
+
+import torch
 
 from imnet import wandb_file
 from imnet.checkpoint import atomic_write
@@ -271,3 +274,40 @@ class Logger:
             if hint := sink.sync_hint():
                 hints.append(hint)
         return hints
+
+
+class Window:
+    """Throughput since the last train record: global img/s over the time spent training (validation
+    and checkpoints excluded) and the share of that time spent waiting for the loader."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.images = device, 0
+        self.t0, self.excluded, self.wait = _now(device), 0.0, 0.0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        t = time.perf_counter()
+        yield
+        self.wait += time.perf_counter() - t
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = _now(self.device)
+        yield
+        self.excluded += _now(self.device) - t
+
+    def read(self) -> dict:
+        """The window's figures (and starts the next window)."""
+        t = _now(self.device)
+        busy = max(t - self.t0 - self.excluded, 1e-9)
+        out = {"img_per_s": self.images / busy, "data_wait": min(self.wait / busy, 1.0)}
+        if self.device.type == "cuda":
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.images, self.t0, self.excluded, self.wait = 0, t, 0.0, 0.0
+        return out
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -10,6 +10,11 @@ def peak_lr(base_lr: float, global_batch: int, scaling: str) -> float:
     return base_lr * global_batch / 256 if scaling == "linear" else base_lr
 
 
+def total_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
+    """The run's optimizer steps: every epoch, or run.max_steps if that comes first."""
+    return steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+
+
 def get_lr(step: int, *, peak: float, steps_per_epoch: int, total_steps: int, schedule: str,
            warmup_epochs: float = 0.0, milestones=(), gamma: float = 0.1, min_lr: float = 0.0) -> float:
     """lr for optimizer step `step` (0-based). Warmup ramps linearly from peak/warmup_steps to peak."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from imnet import config
+from imnet.dist import EXIT_STOPPED
 from imnet.log import DONE
 
 
@@ -183,20 +184,28 @@ def main(argv=None) -> int:
             continue
         print(f"[{i}/{total}] {name}: {state}", flush=True)
         t0 = time.monotonic()
+        proc = subprocess.Popen(cmd)
         try:
-            rc = subprocess.run(cmd).returncode
-        except KeyboardInterrupt:  # Ctrl-C reached torchrun too: the point resumes on the next run
-            print(f"[{i}/{total}] {name}: interrupted; run the same command again to go on", flush=True)
+            rc = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached torchrun too: its workers checkpoint and stop
+            print(f"[{i}/{total}] {name}: interrupted; waiting for its checkpoint (Ctrl-C again: kill it)", flush=True)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.kill()
+                proc.wait()
+            print(f"[{i}/{total}] {name}: run the same command again to go on", flush=True)
             return 130
         took = time.monotonic() - t0
         if rc == 0 and is_done(folder):
             print(f"[{i}/{total}] {name}: done in {took:.0f} s", flush=True)
             done.append(name)
         else:
-            why = f"exit status {rc}" if rc else "stopped before its last step"
+            why = ("stopped by a signal" if rc == EXIT_STOPPED else f"exit status {rc}") if rc else \
+                "stopped before its last step"
             print(f"[{i}/{total}] {name}: failed ({why}) after {took:.0f} s; see {folder}", flush=True)
             failed.append(name)
-            if rc < 0 or rc in (130, 137, 143):  # the sweep itself was interrupted: stop here
+            if rc < 0 or rc in (EXIT_STOPPED, 130, 137, 143):  # the sweep itself was interrupted: stop here
                 break
     if a.dry_run:
         return 0

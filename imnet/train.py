@@ -8,36 +8,45 @@ checkpoint, mid-epoch, on the same trajectory (ckpt.resume=auto).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
 import sys
-import time
 
 import torch
 
-from imnet import checkpoint, config, dist, engine, kernels, models, schedule
+import torch.distributed as tdist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from imnet import checkpoint, config, dist, engine, fault, heartbeat, kernels, models, resume, schedule
 from imnet import data as data_mod
 from imnet.evaluate import evaluate
-from imnet.log import DONE, Logger, SinkError
+from imnet.log import DONE, Logger, SinkError, Window
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 / SIGUSR2 only set a flag; the loop all-reduces it, so every rank stops after
-    the same step, and the checkpoint is written by the loop, never inside the handler.
+    """SIGINT (Ctrl-C), SIGTERM, SIGUSR1 and SIGUSR2 only set a flag; the loop all-reduces it, so every
+    rank stops after the same step, and the checkpoint is written by the loop, never inside the
+    handler. A second Ctrl-C raises KeyboardInterrupt at once (no checkpoint).
     `StopRequest.signum`: the last such signal this process got (launch/submit.py requeues on SIGUSR2)."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
     signum = None
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, self._set)
+        self.previous = {sig: signal.signal(sig, self._set) for sig in self.SIGNALS}
 
     def _set(self, signum, frame):
+        if signum == signal.SIGINT and self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         self.requested = True
         StopRequest.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def seed_all(seed: int, deterministic: bool) -> None:
@@ -76,29 +85,46 @@ def lock_run_dir(run_dir: str, is_main: bool):
 
 
 def fit(cfg: config.Config, d: dist.Dist) -> dict:
+    """Train `cfg` on this rank, in its run folder (locked while it runs); the result of the last validation."""
     run_dir = os.path.join(cfg.run.out_dir, cfg.run.name)
-    lock = lock_run_dir(run_dir, d.is_main)  # noqa: F841 - held until the process exits
+    lock = lock_run_dir(run_dir, d.is_main)
+    try:
+        return _fit(cfg, d, run_dir)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
+    fault.trace_collectives(run_dir, d.rank)  # IMNET_TRACE_COLLECTIVES: off unless set (tests)
     seed_all(cfg.run.seed, cfg.run.deterministic)
     data = data_mod.build(cfg, d)
     model = models.from_config(cfg.model, data.info, batch_size=cfg.data.batch_size, world=d.world)
     eng = engine.build(cfg, model, d, run_dir)
-    ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.ckpt.keep, d.is_main)
+    faults = fault.Injector(d.rank)  # IMNET_FAULT: off unless set (tests)
+    ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.ckpt.keep, d.is_main,
+                                   wrap=faults.checkpoint_file)
 
     accum = cfg.optim.accum_steps
     spe = data.steps_per_epoch                      # optimizer steps per epoch
-    total = spe * cfg.run.epochs if cfg.run.max_steps is None else min(cfg.run.max_steps, spe * cfg.run.epochs)
+    total = schedule.total_steps(spe, cfg.run.epochs, cfg.run.max_steps)
     global_batch = cfg.data.batch_size * d.world * accum
     peak = schedule.peak_lr(cfg.optim.base_lr, global_batch, cfg.optim.lr_scaling)
     o = cfg.optim
-    lr_at = lambda s: schedule.get_lr(s, peak=peak, steps_per_epoch=spe, total_steps=total, schedule=o.schedule,  # noqa: E731
-                                      warmup_epochs=o.warmup_epochs, milestones=o.milestones, gamma=o.gamma, min_lr=o.min_lr)
+    lr_at = lambda s, total=total: schedule.get_lr(  # noqa: E731
+        s, peak=peak, steps_per_epoch=spe, total_steps=total, schedule=o.schedule, warmup_epochs=o.warmup_epochs,
+        milestones=o.milestones, gamma=o.gamma, min_lr=o.min_lr)
 
     step = epoch = pos = bad_in_row = 0             # pos: optimizer steps done in this epoch
-    resume_path = ckpt.find_resume(cfg.ckpt.resume)
-    if resume_path:
-        state = eng.load(resume_path)  # every rank (DeepSpeed reads its shards on each)
+    resume_path, warnings = ckpt.find_resume(cfg.ckpt.resume), []
+    if resume_path:  # every rank reads it; refused (ResumeError) before any weight is loaded
+        state = checkpoint.load(resume_path)
+        warnings = resume.check(state, resume_path, config.to_dict(cfg), world=d.world, shapes=engine.shapes(eng.module),
+                                global_batch=global_batch, steps_per_epoch=spe, total=total, lr_at=lr_at)
+        eng.restore(state, resume_path)  # DeepSpeed reads its shards on every rank
         step, epoch, pos, bad_in_row = state["step"], state["epoch"], state["pos"], state["bad_in_row"]
         checkpoint.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
+        del state
 
     log = Logger(run_dir, d.is_main, cfg.log, total=total, initial=step)
     err = None
@@ -116,23 +142,28 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
         log.print(note)
     if resume_path:
         log.print(f"resumed from {resume_path} at step {step} (epoch {epoch}, step {pos} of {spe})")
-        changed = trajectory_changes(state["config"], config.to_dict(cfg), state.get("world"), d.world)
-        if changed:
-            log.print(f"warning: resuming with {', '.join(changed)} changed since the checkpoint: "
-                      "the run will not follow the trajectory it would have had")
+        for w in warnings:
+            log.print(f"warning: resuming with {w}: the run will not follow the trajectory it would have had")
 
     def sync_bn() -> None:
         if cfg.dist.sync_bn_stats:
             dist.average_buffers(eng.module)
 
-    def save() -> None:
+    def save() -> bool:
+        """Every rank calls. Never from inside a non-finite streak: the last good checkpoint stays `latest`."""
+        if bad_in_row:
+            return False
+        hb.at(step, "checkpoint")
         sync_bn()
         rngs = dist.all_gather_object(checkpoint.rng_state())
-        eng.save(ckpt, {"step": step, "epoch": epoch, "pos": pos, "bad_in_row": bad_in_row,  # every rank
-                        "rng": rngs, "config": config.to_dict(cfg), "world": d.world}, step)
+        eng.save(ckpt, {"step": step, "epoch": epoch, "pos": pos, "bad_in_row": bad_in_row, "rng": rngs,  # every rank
+                        "config": config.to_dict(cfg), "world": d.world, "global_batch": global_batch,
+                        "steps_per_epoch": spe, "total": total}, step)
         dist.barrier()
+        return True
 
     def validate() -> dict:
+        hb.at(step, "eval")
         sync_bn()
         with eng.eval_module() as net:  # eng.module (DeepSpeed ZeRO-3: a copy with the gathered weights)
             res = evaluate(net, data.val, d.device, cfg.precision.amp)
@@ -143,19 +174,26 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
         return res
 
     stop = StopRequest()
+    hb = heartbeat.Heartbeat(run_dir, d.rank, d.world, cfg.dist.timeout_s)  # names a hung rank after timeout_s
+    trace = fault.SampleTrace(run_dir, d.rank)  # IMNET_TRACE_SAMPLES: off unless set (tests)
     result: dict = {}
     win = Window(d.device)  # img/s and data wait since the last train record, without eval/checkpoint time
-    logged_at = step
+    logged_at, owed = step, False                  # owed: a checkpoint put off by a non-finite streak
     try:
         while step < total:
             data.train.sampler.set_epoch(epoch, start_batch=pos * accum)
+            trace.start_epoch(data.train.sampler, accum * cfg.data.batch_size)
             with win.waiting():
                 batches = iter(data.train)
             while pos < spe and step < total:
+                hb.at(step, "data")
                 with win.waiting():
                     micro = [next(batches) for _ in range(accum)]
+                hb.at(step, "step")
+                faults.before_step(step + 1, micro)
                 out = eng.train_step(micro, lr_at(step), stop.requested)
                 step, pos = step + 1, pos + 1
+                trace.step(epoch, step)
                 bad_in_row = bad_in_row + 1 if out.skipped else 0
                 win.images += out.images
                 if step % cfg.log.every_steps == 0 or out.skipped:
@@ -166,66 +204,50 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
                                  img_s=f"{w['img_per_s']:.0f}")
                     logged_at = step
                 if bad_in_row >= cfg.dist.max_nonfinite:
-                    raise FloatingPointError(f"{bad_in_row} non-finite losses in a row (dist.max_nonfinite="
-                                             f"{cfg.dist.max_nonfinite}) at step {step}: lower optim.base_lr or check the data")
+                    latest = ckpt.latest()
+                    raise FloatingPointError(
+                        f"{bad_in_row} non-finite losses in a row (dist.max_nonfinite={cfg.dist.max_nonfinite}) at step "
+                        f"{step}: lower optim.base_lr or check the data; "
+                        + (f"{latest} is the newest checkpoint, written before the streak" if latest else
+                           "no checkpoint was written before the streak"))
                 if out.stop:  # a signal: checkpoint at this step boundary and leave, to be resumed
-                    save()
-                    log.print(f"stopped by signal at step {step}; checkpoint saved")
+                    saved = save()
+                    log.print(f"stopped by signal at step {step}; " + ("checkpoint saved" if saved else
+                              f"no checkpoint: inside a streak of {bad_in_row} non-finite losses, the next run "
+                              f"resumes from {ckpt.latest() or 'the start'}"))
                     return {"stopped": True, "step": step, "notes": log.close(signum=StopRequest.signum or signal.SIGTERM)}
-                if cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0 and pos < spe and step < total:
+                every = cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0
+                if (every or owed) and pos < spe and step < total:
                     with win.paused():
-                        save()
+                        owed = not save()
             with win.paused():
-                if pos == spe:
+                if pos >= spe:
                     epoch, pos = epoch + 1, 0
                     if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
                         result = validate()
-                    if cfg.ckpt.epoch_end or step == total:
-                        save()
+                    if cfg.ckpt.epoch_end or step == total or owed:
+                        owed = not save()
                 else:  # stopped by run.max_steps mid-epoch
-                    save()
+                    owed = not save()
         if result.get("step") != step:  # no validation yet at the final step
             result = validate()
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, tdist.DistError) and d.world > 1:  # a peer died or closed its connection: say which
+            e = RuntimeError(f"{type(e).__name__}: {str(e).splitlines()[0]}; {hb.explain()}")
         for note in log.close(exit_code=1):  # e.g. how to upload the offline W&B run of the failed attempt
             log.print(note)
-        raise
+        raise e
+    finally:
+        stop.restore()
+        hb.close()
+    if owed:
+        log.print(f"the run ended inside a streak of {bad_in_row} non-finite losses: no final checkpoint; "
+                  f"{ckpt.latest()} is the newest")
     if d.is_main:
         done = json.dumps({"step": step, **result}) + "\n"
         checkpoint.atomic_write(os.path.join(run_dir, DONE), lambda f: f.write(done.encode()))
     result["notes"] = log.close()
     return result
-
-
-class Window:
-    """Throughput since the last train record: global img/s over the time spent training (validation
-    and checkpoints excluded) and the share of that time spent waiting for the loader."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.images = device, 0
-        self.t0, self.excluded, self.wait = _now(device), 0.0, 0.0
-
-    @contextlib.contextmanager
-    def waiting(self):
-        t = time.perf_counter()
-        yield
-        self.wait += time.perf_counter() - t
-
-    @contextlib.contextmanager
-    def paused(self):
-        t = _now(self.device)
-        yield
-        self.excluded += _now(self.device) - t
-
-    def read(self) -> dict:
-        """The window's figures (and starts the next window)."""
-        t = _now(self.device)
-        busy = max(t - self.t0 - self.excluded, 1e-9)
-        out = {"img_per_s": self.images / busy, "data_wait": min(self.wait / busy, 1.0)}
-        if self.device.type == "cuda":
-            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.images, self.t0, self.excluded, self.wait = 0, t, 0.0, 0.0
-        return out
 
 
 def _remove(path: str) -> None:
@@ -235,58 +257,34 @@ def _remove(path: str) -> None:
         pass
 
 
-# Keys that may change between a run and its resumption without changing what is trained.
-_HARMLESS = {"run.epochs", "run.max_steps", "run.eval_every", "run.out_dir", "run.name", "data.root",
-             "data.workers", "data.eval_batch_size", "ckpt", "log", "dist.timeout_s"}
-
-
-def trajectory_changes(old: dict, new: dict, old_world, new_world) -> list[str]:
-    """Dotted keys (and the world size) that differ between a checkpoint's config and this run's."""
-    def flat(tree, prefix=""):
-        for k, v in tree.items():
-            key = f"{prefix}{k}"
-            if key in _HARMLESS:
-                continue
-            if isinstance(v, dict):
-                yield from flat(v, key + ".")
-            else:
-                yield key, v
-    a, b = dict(flat(old)), dict(flat(new))
-    out = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    if old_world is not None and old_world != new_world:
-        out.append(f"world size ({old_world} -> {new_world})")
-    return out
-
-
-def _now(device: torch.device) -> float:
-    import time
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
+@record  # under torchrun: an uncaught error becomes the root cause in torchrun's summary
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="imnet.train", description="Train a model (see README).")
     config.add_cli(p)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = config.load(a.config, a.overrides)
-    except config.ConfigError as e:
+        fault.parse(os.environ.get(fault.ENV, ""))
+    except (config.ConfigError, fault.FaultSpecError) as e:
         p.error(str(e))  # exit 2, before any process group exists
     d = dist.setup(cfg.dist)
     try:
         result = fit(cfg, d)
-    except (FileNotFoundError, SinkError, config.ConfigError) as e:  # missing data or sink, or a setup only
-        # the data or the world reveals (BN on one image per rank): the message says what to do
-        print(f"imnet.train: error: {e}", file=sys.stderr, flush=True)
+    except (FileNotFoundError, SinkError, config.ConfigError) as e:  # missing data or sink, a refused resume, or
+        # a setup only the data or the world reveals (BN on one image per rank): the message says what to do
+        dist.report_error(f"imnet.train: error: {e}")
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once
+        dist.report_error("imnet.train: interrupted by a second Ctrl-C: nothing saved since the last checkpoint")
+        sys.exit(130)
     dist.cleanup()  # after the sinks finished (W&B's finish must not wait on a torn-down group)
     if d.is_main and "top1" in result:
         print(f"final val top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
               f"(n={result['n']})", flush=True)
     for note in result.pop("notes", []) if d.is_main else []:  # e.g. the `wandb sync` command: the last line
         print(note, flush=True)
+    if result.get("stopped"):
+        sys.exit(dist.EXIT_STOPPED)  # not finished: the wrappers (sbatch template, submit.py, torchrun) must know
     return result
 
 

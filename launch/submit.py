@@ -20,7 +20,9 @@ sets a flag), all ranks agree to stop after the same step, the loop writes a che
 returns {"stopped": True}. Only then does rank 0 hand over to submitit's own USR2 handler: it
 calls `Trainer.checkpoint()` (a fresh Trainer with ckpt.resume=auto, no checkpoint path in the
 pickle), dumps it as the job's pickle, counts a timeout against --max-requeues and runs
-`scontrol requeue`. The requeued job resumes from runs/<name>/checkpoints/latest.
+`scontrol requeue`. The requeued job resumes from runs/<name>/checkpoints/latest. Stopped by SIGTERM
+or SIGUSR1 instead (scancel; a preemption Slurm requeues by itself), every task exits with status 75
+(dist.EXIT_STOPPED, as `python -m imnet.train` does): the attempt checkpointed but did not finish.
 """
 
 from __future__ import annotations
@@ -86,12 +88,15 @@ class Trainer:
         usr2 = signal.SIGUSR2 in dist.all_gather_object(train.StopRequest.signum)  # any rank's signal counts
         dist.cleanup()  # every rank is past the checkpoint before anyone requeues
         if result.get("stopped"):  # checkpointed after a signal: this job attempt has no result
-            if usr2 and callable(requeue_handler):
-                requeue_handler(signal.SIGUSR2, None)  # rank 0: checkpoint() + scontrol requeue + exit
-            # SIGTERM/SIGUSR1: Slurm requeues a preempted job itself, or the job was cancelled
             print(f"stopped at step {result['step']}; the next attempt resumes from the latest checkpoint",
                   file=sys.stderr, flush=True)
-            raise SystemExit(0)
+            if usr2:
+                if callable(requeue_handler):
+                    requeue_handler(signal.SIGUSR2, None)  # rank 0: checkpoint() + scontrol requeue + exit
+                raise SystemExit(0)  # other ranks: a non-zero exit would make srun kill rank 0 mid-requeue
+            # SIGTERM/SIGUSR1: Slurm requeues a preempted job itself, or the job was cancelled; either way
+            # this attempt did not finish (dist.EXIT_STOPPED, as `python -m imnet.train` exits)
+            raise SystemExit(dist.EXIT_STOPPED)
         if d.is_main:
             print(f"final {json.dumps(result)}", flush=True)
         return result
