@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.rendezvous import rendezvous
 
 
 # Exit status of a run stopped by a signal after writing its checkpoint: run the same command again to
@@ -101,8 +102,14 @@ def setup(cfg) -> Dist:
         raise RuntimeError("dist.backend=nccl needs CUDA tensors; use gloo (or auto) on the CPU")
     if world > 1:
         if not tdist.is_initialized():
-            tdist.init_process_group(backend, rank=rank, world_size=world,
-                                     timeout=datetime.timedelta(seconds=cfg.timeout_s + PG_GRACE_S),
+            timeout = datetime.timedelta(seconds=cfg.timeout_s + PG_GRACE_S)
+            store, _, _ = next(rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+            # Under torchrun the store is the agent's and outlives the workers: one store for every restart
+            # (static and c10d rendezvous alike). Without a prefix per attempt, a restarted group reads the
+            # previous attempt's gloo/NCCL peer addresses and dials dead ports, or hangs. The count is per
+            # agent, so this is exact on one node (RELIABILITY.md).
+            store = tdist.PrefixStore(f"imnet/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                      device_id=device if device.type == "cuda" else None)
     elif deepspeed:
         # DeepSpeed needs a process group even for one process (without one it goes looking for MPI):

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imnet import checkpoint
 from imnet import dist as imdist
-from imnet import norm
+from imnet import norm, resume
 
 DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -153,10 +153,8 @@ class DDPEngine:
 
     def restore(self, state: dict, path: str) -> dict:
         """`load` for a checkpoint dict already read from `path` (the trainer checks it before restoring)."""
-        if "deepspeed" in state:
-            raise RuntimeError(f"{path} was written by dist.backend=deepspeed (its optimizer state is sharded "
-                               "in a DeepSpeed folder): resume it with dist.backend=deepspeed, or start afresh "
-                               "(ckpt.resume=never or another run.name)")
+        if why := resume.backend_mismatch(state, path, deepspeed=False):
+            raise resume.ResumeError(why)
         self.load_state_dict(state)
         return state
 
@@ -400,10 +398,9 @@ class DeepSpeedEngine:
 
     def restore(self, state: dict, path: str) -> dict:
         """`load` for the .pt's dict already read from `path`."""
-        tag = state.get("deepspeed")
-        if tag is None:
-            raise RuntimeError(f"{path} was not written by dist.backend=deepspeed (it has no DeepSpeed folder): "
-                               "resume it with the backend that wrote it, or start afresh (ckpt.resume=never)")
+        if why := resume.backend_mismatch(state, path, deepspeed=True):
+            raise resume.ResumeError(why)
+        tag = state["deepspeed"]
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(os.path.join(folder, tag)):
             raise RuntimeError(f"{path} names the DeepSpeed checkpoint folder {tag}/, which is not in {folder}")

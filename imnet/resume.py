@@ -67,10 +67,23 @@ def weight_mismatch(shapes: dict[str, tuple], saved: dict) -> str:
     return ", ".join(parts)
 
 
+def backend_mismatch(state: dict, path: str, deepspeed: bool) -> str:
+    """'' when the checkpoint was written by this engine (DDP's single file, or DeepSpeed's sharded folder)."""
+    if "deepspeed" in state and not deepspeed:
+        return (f"cannot resume from {path}: it was written by dist.backend=deepspeed (its optimizer state is sharded "
+                f"in a DeepSpeed folder); resume it with dist.backend=deepspeed, {START_AFRESH}")
+    if "deepspeed" not in state and deepspeed:
+        return (f"cannot resume from {path}: it was not written by dist.backend=deepspeed (it has no DeepSpeed "
+                f"folder); resume it with the backend that wrote it, {START_AFRESH}")
+    return ""
+
+
 def check(state: dict, path: str, new_tree: dict, *, world: int, shapes: dict[str, tuple], global_batch: int,
           steps_per_epoch: int, total: int, lr_at) -> list[str]:
     """Raise ResumeError if `state` (a checkpoint's dict) cannot continue as this run; else the
     warnings to print. `lr_at(step, total)`: this run's schedule, for another total step count."""
+    if why := backend_mismatch(state, path, new_tree["dist"]["backend"] == "deepspeed"):
+        raise ResumeError(why)
     old_tree = state["config"]
     changed = changed_keys(old_tree, new_tree)
     model = {k: v for k, v in changed.items() if k.startswith("model.")}

@@ -366,3 +366,37 @@ def test_uneven_data_on_three_ranks_runs_the_same_collectives_and_counts_every_v
     assert "final val top1" in p.stdout and final(tmp_path / "three")["step"] == 20
     calls = assert_same_collectives(tmp_path / "three", 3)
     assert calls.count(["all_reduce", [[[5], "torch.float32"]]]) == 20  # one per step: decisions and metrics
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_or_dies_is_the_root_cause_torchrun_names(tmp_path, small_run):
+    p = run(torchrun(2, "imnet.train", *small_run("raise", "run.epochs=2")), env=child_env(IMNET_FAULT="raise@step=3,rank=1"),
+            check=False)
+    assert p.returncode == 1
+    root = p.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root and "RuntimeError: IMNET_FAULT: injected error at step 3 on rank 1" in root
+    p = run(torchrun(2, "imnet.train", *small_run("dead", "run.epochs=2")), env=child_env(IMNET_FAULT="crash@step=3,rank=1"),
+            check=False)
+    assert p.returncode == 1
+    root = p.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root and "Signal 9 (SIGKILL) received by PID" in root
+    assert saved(tmp_path / "dead") == []  # nothing written after the loss: a rerun starts from the beginning
+
+
+def test_the_diagnosis_names_silent_ranks_first_then_live_ones_that_lag():
+    from imnet.heartbeat import diagnose
+
+    now = 1000.0
+    beat = lambda r, step, phase, t, since=900.0: {"rank": r, "host": f"n{r}", "pid": 10 + r, "step": step,  # noqa: E731
+                                                   "phase": phase, "since": since, "time": t}
+    beats = {0: beat(0, 7, "step", now), 1: beat(1, 6, "data", now - 1, since=950.0), 2: beat(2, 7, "step", now)}
+    assert diagnose(beats, 4, 0, now, stale_s=10) == "rank 3 never reported (it did not start, or cannot write to the run folder)"
+    assert diagnose(beats, 3, 0, now, stale_s=10) == ("rank 1 (host n1, pid 11) has been waiting for data for 50 s, "
+                                                      "after 6 finished steps")
+    beats[2] = beat(2, 7, "step", now - 40)
+    assert diagnose(beats, 3, 0, now, stale_s=10) == (
+        "rank 2 (host n2, pid 12) stopped responding 40 s ago (its last report: in a training step after 7 finished "
+        "steps): it is stopped, dead, or stuck outside Python")
+    same = {r: beat(r, 7, "step", now) for r in range(3)}
+    assert diagnose(same, 3, 0, now, stale_s=10) == ("no other rank stands out: every rank is in the same step "
+                                                     "(a network or collective problem)")

@@ -151,8 +151,8 @@ def test_only_filters_points(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_the_rerun_goes_on(tmp_path):
-    """SIGINT to the sweep's process group (what Ctrl-C in a terminal sends): no traceback, exit 130,
-    the interrupted point is not done, and the same command then finishes it."""
+    """SIGINT to the sweep's process group (what Ctrl-C in a terminal sends): the point checkpoints, no
+    traceback, exit 130, the interrupted point is not done, and the same command then finishes it."""
     import signal
 
     path = write_sweep(tmp_path, {"data.batch_size": [8]}, name="c1")
@@ -167,7 +167,9 @@ def test_ctrl_c_stops_the_sweep_and_the_rerun_goes_on(tmp_path):
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, (out, err)
-    assert "[1/1] batch_size=8: interrupted; run the same command again to go on" in out
+    assert "[1/1] batch_size=8: interrupted; waiting for its checkpoint (Ctrl-C again: kill it)" in out
+    assert "[1/1] batch_size=8: run the same command again to go on" in out
+    assert "stopped by signal at step" in out  # torchrun passed the SIGINT on: the workers checkpointed
     assert 'imnet/sweep.py", line' not in err  # no traceback of the sweep's own (torchrun's workers may print theirs)
     assert not os.path.exists(folder / sweep.DONE)
     out = run(cmd, timeout=300).stdout
