@@ -114,14 +114,28 @@ class Heartbeat:
                 return
 
     def explain(self) -> str:
-        """The same diagnosis, for an error a collective raised (a peer that closed its connection)."""
-        return diagnose(read(self.folder, self.world), self.world, self.rank, time.time(), self.stale_s)
+        """For an error a collective raised (a peer closed its connection): the peers on this host whose
+        process is gone, else the same diagnosis as the watchdog's."""
+        beats = read(self.folder, self.world)
+        dead = [f"rank {r} (host {b['host']}, pid {b['pid']}) is dead (its last report: "
+                f"{PHASES.get(b['phase'], b['phase'])} after {b['step']} finished steps)"
+                for r, b in sorted(beats.items()) if r != self.rank and b["host"] == self.host and not _alive(b["pid"])]
+        return "; ".join(dead) or diagnose(beats, self.world, self.rank, time.time(), self.stale_s)
 
     def close(self, phase: str = "done") -> None:
         self.at(self.step, phase)
         self._stop.set()
         self._thread.join()
         self._write()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` (on this host) still runs: not gone, not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _fail(message: str) -> None:

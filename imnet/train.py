@@ -232,8 +232,8 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
         if result.get("step") != step:  # no validation yet at the final step
             result = validate()
     except BaseException as e:
-        if isinstance(e, tdist.DistError) and d.world > 1:  # a peer died or closed its connection: say which
-            e = RuntimeError(f"{type(e).__name__}: {str(e).splitlines()[0]}; {hb.explain()}")
+        if d.world > 1 and lost_peer(e):  # a peer died or closed its connection: say which
+            e = PeerError(f"{type(e).__name__}: {str(e).splitlines()[0]}; {hb.explain()}")
         for note in log.close(exit_code=1):  # e.g. how to upload the offline W&B run of the failed attempt
             log.print(note)
         raise e
@@ -248,6 +248,17 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
         checkpoint.atomic_write(os.path.join(run_dir, DONE), lambda f: f.write(done.encode()))
     result["notes"] = log.close()
     return result
+
+
+class PeerError(RuntimeError):
+    """A collective failed because another rank is gone; the message names it."""
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective's error about another rank (gloo's and NCCL's come as RuntimeError)."""
+    text = str(e).lower()
+    return isinstance(e, (tdist.DistError, RuntimeError)) and (
+        isinstance(e, tdist.DistError) or any(w in text for w in ("gloo", "nccl", "by peer", "connection")))
 
 
 def _remove(path: str) -> None:
@@ -270,8 +281,9 @@ def main(argv=None) -> dict:
     d = dist.setup(cfg.dist)
     try:
         result = fit(cfg, d)
-    except (FileNotFoundError, SinkError, config.ConfigError) as e:  # missing data or sink, a refused resume, or
-        # a setup only the data or the world reveals (BN on one image per rank): the message says what to do
+    except (FileNotFoundError, SinkError, config.ConfigError, PeerError) as e:  # missing data or sink, a refused
+        # resume, a setup only the data or the world reveals (BN on one image per rank), a lost rank: the message
+        # says what to do or which rank
         dist.report_error(f"imnet.train: error: {e}")
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C: out at once

@@ -400,3 +400,21 @@ def test_the_diagnosis_names_silent_ranks_first_then_live_ones_that_lag():
     same = {r: beat(r, 7, "step", now) for r in range(3)}
     assert diagnose(same, 3, 0, now, stale_s=10) == ("no other rank stands out: every rank is in the same step "
                                                      "(a network or collective problem)")
+
+
+@pytest.mark.slow
+def test_without_torchrun_the_surviving_rank_names_the_dead_one(tmp_path, small_run):
+    """Two processes started by hand (as srun starts them): rank 1 dies at step 5; rank 0's collective fails
+    at once, and its one-line error names rank 1, its host and pid."""
+    args = " ".join(small_run("dead", "run.epochs=3", "dist.timeout_s=60"))
+    script = ("export MASTER_ADDR=127.0.0.1 MASTER_PORT=29561 WORLD_SIZE=2; "
+              f"RANK=0 LOCAL_RANK=0 python -m imnet.train {args} 2> {tmp_path}/r0.err & "
+              f"RANK=1 LOCAL_RANK=1 IMNET_FAULT=crash@step=5,rank=1 python -m imnet.train {args} & wait")
+    t0 = time.monotonic()
+    run(["unshare", "-n", "sh", "-c", f"ip link set lo up && {script}"], timeout=120)
+    assert time.monotonic() - t0 < 60  # not dist.timeout_s: a closed connection fails at once
+    pid = heartbeats(tmp_path / "dead")[1]["pid"]
+    err = (tmp_path / "r0.err").read_text().strip().splitlines()[-1]
+    assert err.startswith("imnet.train: error: RuntimeError: ") and "by peer" in err, err
+    assert re.search(rf"; rank 1 \(host [^,]+, pid {pid}\) is dead \(its last report: [a-z ]+ after [0-4] finished "
+                     r"steps\)$", err), err
