@@ -103,6 +103,8 @@ class DistCfg(Section):
     # error naming the imnet key to set instead.
     deepspeed_config: dict[str, Any] = {}
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # a rank that waits this long in one training step names the rank it waits for and fails the job
+    # (imnet/heartbeat.py); the process group's own timeout is 30 s later
     timeout_s: int = Field(1800, gt=0)
     sync_bn_stats: bool = True       # average BN running stats over ranks before evaluating/saving
     max_nonfinite: int = Field(5, gt=0)  # abort after this many non-finite losses in a row

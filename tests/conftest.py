@@ -74,6 +74,22 @@ def metrics(run_dir) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def cfg_for(tmp_path, name, *more):
+    """A quick deterministic synthetic run's Config, for calling train.fit in this process."""
+    from imnet import config
+
+    return config.load(None, ["data.name=synthetic", "data.synthetic_size=64", "data.image_size=16",
+                              "data.batch_size=8", f"run.out_dir={tmp_path}", f"run.name={name}",
+                              "log.progress=false", "log.every_steps=1", "model.gn_groups=8",
+                              "run.deterministic=true", *more])
+
+
+def fit(cfg):
+    from imnet import dist, train
+
+    return train.fit(cfg, dist.setup(cfg.dist))
+
+
 @pytest.fixture
 def small_run(tmp_path):
     """Overrides for a quick synthetic run in tmp_path."""

@@ -5,19 +5,9 @@ import math
 import pytest
 import torch
 
+from conftest import cfg_for, fit
 from imnet import config, dist, engine, models, train
 from imnet.log import read_metrics
-
-
-def cfg_for(tmp_path, name, *more):
-    return config.load(None, ["data.name=synthetic", "data.synthetic_size=64", "data.image_size=16",
-                              "data.batch_size=8", f"run.out_dir={tmp_path}", f"run.name={name}",
-                              "log.progress=false", "log.every_steps=1", "model.gn_groups=8",
-                              "run.deterministic=true", *more])
-
-
-def fit(cfg):
-    return train.fit(cfg, dist.setup(cfg.dist))
 
 
 def weights(tmp_path, name):

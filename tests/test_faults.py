@@ -12,24 +12,13 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, child_env, kill_tree, metrics, run, single, torchrun
-from imnet import config, dist, fault, schedule, train
+from conftest import ROOT, cfg_for, child_env, fit, kill_tree, metrics, run, single, torchrun
+from imnet import dist, fault, schedule
 from imnet.checkpoint import Checkpointer
 from imnet.checkpoint import load as load_ckpt
 from imnet.resume import ResumeError
 
 pytestmark = [pytest.mark.timeout(300)]
-
-
-def cfg_for(tmp_path, name, *more):
-    return config.load(None, ["data.name=synthetic", "data.synthetic_size=64", "data.image_size=16",
-                              "data.batch_size=8", f"run.out_dir={tmp_path}", f"run.name={name}",
-                              "log.progress=false", "log.every_steps=1", "model.gn_groups=8",
-                              "run.deterministic=true", *more])
-
-
-def fit(cfg):
-    return train.fit(cfg, dist.setup(cfg.dist))
 
 
 def saved(run_dir) -> list[str]:
