@@ -10,8 +10,9 @@ The same thread is the watchdog: when this rank has been inside one training ste
 `timeout_s` (dist.timeout_s), it reads every rank's file, names the ranks the step waits for, writes
 the message to stderr and to torchrun's error file (so torchrun's summary shows it as the root
 cause), and exits with status 1. A job with a hung or dead rank thus fails within dist.timeout_s
-plus the poll period, on gloo and NCCL alike (the process group's own timeout, dist.PG_GRACE_S
-later, is the backstop for the collectives outside a training step).
+plus the poll period, on gloo and NCCL alike. Not watched: a process's first step (torch.compile
+and warm-up may take minutes) and the collectives outside a step, which the process group's own
+timeout (dist.PG_GRACE_S later) ends.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Heartbeat:
         self.stale_s = 3 * self.period + 2
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.step, self.phase, self.since = 0, "start", time.time()
+        self.first = None  # the step count at this process's first training step (compiles, warms up: not watched)
         self.on_timeout = on_timeout or _fail
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="imnet-heartbeat", daemon=True)
@@ -91,6 +93,8 @@ class Heartbeat:
         """The loop reports: `step` optimizer steps are done and it is now in `phase` (a key of PHASES)."""
         if phase != self.phase or step != self.step:
             self.step, self.phase, self.since = step, phase, time.time()
+            if self.first is None and phase == "step":
+                self.first = step
 
     def _write(self) -> None:
         rec = {"rank": self.rank, "host": self.host, "pid": self.pid, "step": self.step, "phase": self.phase,
@@ -107,7 +111,8 @@ class Heartbeat:
         while not self._stop.wait(self.period):
             self._write()
             waited = time.time() - self.since
-            if self.phase == "step" and waited > self.timeout_s and self.world > 1:
+            watched = self.phase == "step" and self.first is not None and self.step > self.first
+            if watched and waited > self.timeout_s and self.world > 1:
                 who = diagnose(read(self.folder, self.world), self.world, self.rank, time.time(), self.stale_s)
                 self.on_timeout(f"rank {self.rank} (host {self.host}) waited {waited:.0f} s in step {self.step + 1} "
                                 f"(dist.timeout_s={self.timeout_s:g}): {who}")

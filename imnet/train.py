@@ -48,6 +48,13 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    @classmethod
+    def ignore(cls) -> None:
+        """After a stop, while the ranks leave: call before the last barrier. A launcher's SIGTERM to a rank
+        still exiting (srun --kill-on-bad-exit, once a sibling exited 75) must not turn its 75 into a kill."""
+        for sig in cls.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
 
 def seed_all(seed: int, deterministic: bool) -> None:
     import random
@@ -116,13 +123,17 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
         milestones=o.milestones, gamma=o.gamma, min_lr=o.min_lr)
 
     step = epoch = pos = bad_in_row = 0             # pos: optimizer steps done in this epoch
-    resume_path, warnings = ckpt.find_resume(cfg.ckpt.resume), []
-    if resume_path:  # every rank reads it; refused (ResumeError) before any weight is loaded
+    resume_path = ckpt.find_resume(cfg.ckpt.resume)
+    if resume_path:  # every rank reads it; refused (ResumeError) or warned about before any weight is loaded
         state = checkpoint.load(resume_path)
         warnings = resume.check(state, resume_path, config.to_dict(cfg), world=d.world, shapes=engine.shapes(eng.module),
                                 global_batch=global_batch, steps_per_epoch=spe, total=total, lr_at=lr_at)
-        eng.restore(state, resume_path)  # DeepSpeed reads its shards on every rank
         step, epoch, pos, bad_in_row = state["step"], state["epoch"], state["pos"], state["bad_in_row"]
+        if d.is_main:
+            print(f"resumed from {resume_path} at step {step} (epoch {epoch}, step {pos} of {spe})", flush=True)
+            for w in warnings:
+                print(f"warning: resuming with {w}: the run will not follow the trajectory it would have had", flush=True)
+        eng.restore(state, resume_path)  # DeepSpeed reads its shards on every rank
         checkpoint.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
         del state
 
@@ -140,10 +151,6 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
         raise SinkError(err)
     if note := kernels.gpu_note(eng.module, d.device):  # a GPU Triton does not support: which GroupNorm runs
         log.print(note)
-    if resume_path:
-        log.print(f"resumed from {resume_path} at step {step} (epoch {epoch}, step {pos} of {spe})")
-        for w in warnings:
-            log.print(f"warning: resuming with {w}: the run will not follow the trajectory it would have had")
 
     def sync_bn() -> None:
         if cfg.dist.sync_bn_stats:
@@ -256,9 +263,10 @@ class PeerError(RuntimeError):
 
 def lost_peer(e: BaseException) -> bool:
     """Whether `e` is a collective's error about another rank (gloo's and NCCL's come as RuntimeError)."""
+    if isinstance(e, tdist.DistError):
+        return True
     text = str(e).lower()
-    return isinstance(e, (tdist.DistError, RuntimeError)) and (
-        isinstance(e, tdist.DistError) or any(w in text for w in ("gloo", "nccl", "by peer", "connection")))
+    return type(e) is RuntimeError and any(w in text for w in ("gloo", "nccl", "by peer", "connection re"))
 
 
 def _remove(path: str) -> None:
@@ -289,6 +297,8 @@ def main(argv=None) -> dict:
     except KeyboardInterrupt:  # a second Ctrl-C: out at once
         dist.report_error("imnet.train: interrupted by a second Ctrl-C: nothing saved since the last checkpoint")
         sys.exit(130)
+    if result.get("stopped"):
+        StopRequest.ignore()
     dist.cleanup()  # after the sinks finished (W&B's finish must not wait on a torn-down group)
     if d.is_main and "top1" in result:
         print(f"final val top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "

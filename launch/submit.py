@@ -85,6 +85,8 @@ class Trainer:
         cfg = config.from_dict(tree)
         d = dist.setup(cfg.dist)
         result = train.fit(cfg, d)
+        if result.get("stopped"):
+            train.StopRequest.ignore()
         usr2 = signal.SIGUSR2 in dist.all_gather_object(train.StopRequest.signum)  # any rank's signal counts
         dist.cleanup()  # every rank is past the checkpoint before anyone requeues
         if result.get("stopped"):  # checkpointed after a signal: this job attempt has no result
