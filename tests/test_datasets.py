@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from conftest import check_determinism, contains, shifted_crops
 from imnet.data import transforms as tf
+from imnet.data.core import DataError
 from imnet.data.datasets import NAMES, DatasetInfo, build_dataset
 
 MNIST_STATS = ((0.1307,), (0.3081,))
@@ -57,8 +59,31 @@ def make_mnist(root, folder="MNIST", n_train=7, n_val=3):
     return out
 
 
-def make_cifar(root, per_batch=2, n_val=3):
-    """Five train batches + test batch + meta, as pickled dicts; returns NCHW arrays per split."""
+class _Py2Pickler(pickle._Pickler):
+    """Writes str and bytes as Python 2 strings (SHORT_BINSTRING / BINSTRING), as cPickle did."""
+
+    def save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, str: save_py2_str, bytes: save_py2_str}
+
+
+def dump_py2(obj, fh) -> None:
+    """`obj` pickled like the real CIFAR-10 files: Python 2 cPickle, protocol 2, numpy 1 names."""
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    fh.write(buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+
+
+def make_cifar(root, per_batch=2, n_val=3, py2=False):
+    """Five train batches + test batch + meta, as pickled dicts; returns NCHW arrays per split.
+    py2: pickled as the real files are (Python 2 strings), else by this Python (protocol 4)."""
+    dump = dump_py2 if py2 else pickle.dump
     folder = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(folder)
     out = {"train": ([], [])}
@@ -67,24 +92,24 @@ def make_cifar(root, per_batch=2, n_val=3):
         labels = [(i * per_batch + j) % 10 for j in range(per_batch)]
         with open(os.path.join(folder, f"data_batch_{i}"), "wb") as fh:
             # Row = 1024 red, 1024 green, 1024 blue values, each plane row-major (the CIFAR format).
-            pickle.dump({"data": images.reshape(per_batch, 3072), "labels": labels, "batch_label": f"b{i}"}, fh)
+            dump({"data": images.reshape(per_batch, 3072), "labels": labels, "batch_label": f"b{i}"}, fh)
         out["train"][0].append(images)
         out["train"][1].extend(labels)
     out["train"] = (np.concatenate(out["train"][0]), out["train"][1])
     images = random_images(n_val, 3, 32, 32, seed=99)
     labels = [9, 0, 4][:n_val]
     with open(os.path.join(folder, "test_batch"), "wb") as fh:
-        pickle.dump({"data": images.reshape(n_val, 3072), "labels": labels}, fh)
+        dump({"data": images.reshape(n_val, 3072), "labels": labels}, fh)
     out["val"] = (images, labels)
     with open(os.path.join(folder, "batches.meta"), "wb") as fh:
-        pickle.dump({"label_names": [f"class{k}" for k in range(10)], "num_cases_per_batch": per_batch}, fh)
+        dump({"label_names": [f"class{k}" for k in range(10)], "num_cases_per_batch": per_batch}, fh)
     return out
 
 
-def make_svhn(root):
+def make_svhn(root, train_labels=(10, 1, 5, 10, 9)):
     """train_32x32.mat / test_32x32.mat with X (32, 32, 3, N) and y (N, 1) in 1..10 (10 = digit 0)."""
     out = {}
-    for split, fname, y in (("train", "train_32x32.mat", [10, 1, 5, 10, 9]), ("val", "test_32x32.mat", [3, 10])):
+    for split, fname, y in (("train", "train_32x32.mat", list(train_labels)), ("val", "test_32x32.mat", [3, 10])):
         images = random_images(len(y), 3, 32, 32, seed=len(y))  # NCHW
         x = np.ascontiguousarray(images.transpose(2, 3, 1, 0))  # -> H, W, C, N as in the .mat files
         scipy.io.savemat(os.path.join(root, fname), {"X": x, "y": np.array(y, dtype=np.uint8)[:, None]})
@@ -162,7 +187,81 @@ def test_corrupt_file_is_reported(tmp_path):
         build_dataset("mnist", str(tmp_path), "train", augment=False)
 
 
+def test_mnist_label_out_of_range(tmp_path):
+    data = make_mnist(tmp_path)
+    images, labels = data["train"]
+    labels[3] = 200
+    raw = os.path.join(tmp_path, "MNIST", "raw")
+    write_idx(raw, "train", images, labels)
+    with pytest.raises(DataError) as err:
+        build_dataset("mnist", str(tmp_path), "train", augment=False)
+    assert str(err.value) == f"{raw}/train-labels-idx1-ubyte: label 200 at index 3 is outside 0..9"
+    assert len(build_dataset("mnist", str(tmp_path), "val", augment=False)[0]) == 3  # the other split is fine
+
+
 # ------------------------------------------------------------------------------------- CIFAR-10
+
+
+def test_cifar10_reads_python2_pickles(tmp_path):
+    # The real files: Python 2 cPickle strings and numpy.core.multiarray._reconstruct.
+    data = make_cifar(tmp_path, py2=True)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as fh:
+        assert b"cnumpy.core.multiarray\n_reconstruct" in fh.read()
+    for split in ("train", "val"):
+        ds, _ = build_dataset("cifar10", str(tmp_path), split, augment=False)
+        images, labels = data[split]
+        assert torch.equal(ds.images, torch.from_numpy(images)) and ds.targets.tolist() == list(labels)
+
+
+def test_cifar10_label_out_of_range(tmp_path):
+    make_cifar(tmp_path)
+    path = os.path.join(tmp_path, "cifar-10-batches-py", "data_batch_2")
+    with open(path, "wb") as fh:
+        pickle.dump({"data": random_images(2, 3, 32, 32, 0).reshape(2, 3072), "labels": [3, 200]}, fh)
+    with pytest.raises(DataError) as err:
+        build_dataset("cifar10", str(tmp_path), "train", augment=False)
+    assert str(err.value) == f"{path}: label 200 at index 1 is outside 0..9"
+
+
+class _Evil:
+    """A pickle whose loading opens (creates) a file: what a crafted data file could do."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return open, (self.target, "w")
+
+
+def test_cifar10_crafted_pickle_runs_nothing(tmp_path):
+    make_cifar(tmp_path)
+    path = os.path.join(tmp_path, "cifar-10-batches-py", "test_batch")
+    target = tmp_path / "created"
+    with open(path, "wb") as fh:
+        pickle.dump({"data": _Evil(str(target)), "labels": [0]}, fh)
+    with open(path, "rb") as fh:  # negative control: a plain pickle.load creates the file
+        pickle.load(fh)["data"].close()
+    assert target.exists()
+    target.unlink()
+    with pytest.raises(DataError) as err:
+        build_dataset("cifar10", str(tmp_path), "val", augment=False)
+    assert str(err.value) == f"{path}: not a CIFAR batch: it asks to load io.open, which a data file never needs"
+    assert not target.exists()
+
+
+def test_cifar10_not_a_batch(tmp_path):
+    make_cifar(tmp_path)
+    path = os.path.join(tmp_path, "cifar-10-batches-py", "test_batch")
+    with open(path, "wb") as fh:
+        pickle.dump({"data": random_images(2, 3, 32, 32, 0).reshape(2, 3072), "labels": [1, 2, 3]}, fh)
+    with pytest.raises(DataError) as err:
+        build_dataset("cifar10", str(tmp_path), "val", augment=False)
+    assert str(err.value) == f"{path}: not a CIFAR batch: 'data' is uint8 (2, 3072), expected uint8 (3, 3072) for its 3 labels"
+    with open(path, "r+b") as fh:
+        fh.truncate(50)  # a half-written copy
+    with pytest.raises(DataError) as err:
+        build_dataset("cifar10", str(tmp_path), "val", augment=False)
+    assert str(err.value).startswith(f"{path}: not a CIFAR batch: ") and "\n" not in str(err.value)
 
 
 def test_cifar10_exact_and_flip(tmp_path):
@@ -221,6 +320,13 @@ def test_svhn_exact_and_no_flip(tmp_path):
     ds, _ = build_dataset("svhn", str(tmp_path), "train", augment=True)
     crops = [tf.normalize_uint8(c, ds._mean, ds._std) for c in shifted_crops(ds.images[0], 4)]
     assert all(contains(crops, o) for o in check_determinism(ds, index=0, seeds=range(30)))
+
+
+def test_svhn_label_out_of_range(tmp_path):
+    make_svhn(tmp_path, train_labels=(10, 1, 11, 3))  # 10 is digit 0; 11 is no digit
+    with pytest.raises(DataError) as err:
+        build_dataset("svhn", str(tmp_path), "train", augment=False)
+    assert str(err.value) == f"{tmp_path}/train_32x32.mat: label 11 at index 2 is outside 0..9"
 
 
 # --------------------------------------------------------------------------------------- digits
@@ -346,6 +452,37 @@ def test_missing_imagenet_explains_layout(tmp_path):
     msg = str(err.value)
     assert os.path.join(str(tmp_path), "train") in msg
     assert "train/<wnid>/*.JPEG" in msg and "image-net.org" in msg
+
+
+def test_root_is_a_file(tmp_path):
+    (tmp_path / "train.h5").write_bytes(b"")
+    for name in ("cifar10", "h5"):
+        with pytest.raises(DataError) as err:
+            build_dataset(name, str(tmp_path / "train.h5"), "train", augment=False)
+        assert str(err.value) == (f"data.root {tmp_path}/train.h5 is a file, not a folder: set it to the folder "
+                                  f"that holds the {name} files")
+
+
+def test_permission_denied_names_the_path(tmp_path, monkeypatch):
+    # Simulated: the tests may run as root, which reads anything.
+    make_cifar(tmp_path / "c")
+    make_imagenet(tmp_path / "i")
+    denied = {str(tmp_path / "c" / "cifar-10-batches-py" / "data_batch_3"), str(tmp_path / "i" / "train")}
+    real_open, real_scandir = open, os.scandir
+
+    def guard(real):
+        def call(path, *args, **kw):
+            if os.fspath(path) in denied:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kw)
+        return call
+
+    monkeypatch.setattr("builtins.open", guard(real_open))
+    monkeypatch.setattr(os, "scandir", guard(real_scandir))
+    for name, root, path in (("cifar10", "c", "c/cifar-10-batches-py/data_batch_3"), ("imagenet", "i", "i/train")):
+        with pytest.raises(DataError) as err:
+            build_dataset(name, str(tmp_path / root), "train", augment=False)
+        assert str(err.value) == f"{tmp_path}/{path}: permission denied"
 
 
 def test_bad_name_and_split():

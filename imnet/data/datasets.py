@@ -11,8 +11,11 @@ lets the trainer resume mid-epoch exactly.
 
 Small datasets (digits, mnist, fashion, cifar10, svhn, tiny_imagenet, small h5 files) live in memory
 as one uint8 (N, C, H, W) tensor and are augmented as tensors; ImageNet is read from JPEG folders
-through PIL. Files are read with torchvision's dataset classes and download=False: training never
-downloads; use `python -m imnet.download` beforehand. The `h5` dataset (imnet/data/h5.py) reads HDF5 files,
+through PIL. MNIST, Fashion and SVHN files are read with torchvision's dataset classes and
+download=False (training never downloads; use `python -m imnet.download` beforehand); CIFAR-10
+batches with imnet's own reader, whose unpickler refuses anything but a numpy array (safe_pickle).
+Labels are checked against the class count when a split loads; a bad file or folder raises
+`DataError`, one line naming the path and the reason. The `h5` dataset (imnet/data/h5.py) reads HDF5 files,
 including the fast layout `python -m imnet.data.convert` writes from any of the others.
 """
 
@@ -30,7 +33,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from imnet.config import NATIVE_IMAGE_SIZE
+from imnet.data import safe_pickle
 from imnet.data import transforms as tf
+from imnet.data.core import DataError, check_labels
 
 NAMES = ("synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet", "tiny_imagenet", "h5")
 SPLITS = ("train", "val")
@@ -216,18 +221,34 @@ class ImageFolderDataset(Dataset):
 # ---------------------------------------------------------------------------- torchvision readers
 
 
-class _CIFAR10(tvd.CIFAR10):
-    """CIFAR-10 that only requires the files to exist (md5 sums cannot match small test files)."""
+def _read_cifar10(root: str, split: str) -> tuple[torch.Tensor, list[int]]:
+    """uint8 (N, 3, 32, 32) images and labels of a split, through the restricted unpickler.
 
-    def _check_integrity(self) -> bool:
-        return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in _CIFAR_FILES)
-
-    def _load_meta(self) -> None:
-        import pickle
-
-        with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as fh:
-            self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+    Not torchvision's CIFAR10: it calls pickle.load on the batches, which runs whatever a crafted
+    file asks for. Every file must exist, as torchvision requires (md5 sums cannot match test files).
+    """
+    missing = [p for p in expected_files("cifar10", root) if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"missing {', '.join(missing)}")
+    folder = os.path.join(root, "cifar-10-batches-py")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        path = os.path.join(folder, name)
+        batch = safe_pickle.load(path)
+        if isinstance(batch, dict):  # a Python 3 pickle may hold bytes keys
+            batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+            raise DataError(f"{path}: not a CIFAR batch: expected a dict with 'data' and 'labels'")
+        data, y = batch["data"], list(batch["labels"])
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (len(y), 3072):
+            got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise DataError(f"{path}: not a CIFAR batch: 'data' is {got}, expected uint8 ({len(y)}, 3072) "
+                            f"for its {len(y)} labels")
+        check_labels(path, y, 10)
+        images.append(data.reshape(-1, 3, 32, 32))  # row: 1024 red, 1024 green, 1024 blue, each row-major
+        labels += [int(v) for v in y]
+    return torch.from_numpy(np.concatenate(images)), labels
 
 
 class _SVHN(tvd.SVHN):
@@ -243,6 +264,8 @@ def _read(name: str, root: str, split: str, read: Callable[[], tuple[Any, Any]])
     hint = f"python -m imnet.download --dataset {DOWNLOAD_NAMES[name]} --root {root}"
     try:
         return read()
+    except (DataError, PermissionError):  # already names the file and the reason
+        raise
     except Exception as e:
         if missing:  # torchvision's RuntimeError("Dataset not found...") or a failed open
             raise FileNotFoundError(
@@ -305,21 +328,23 @@ def _build_mnist_like(name: str, cls: type) -> Callable[[_Request], tuple[Datase
     def build(req: _Request) -> tuple[Dataset, DatasetInfo]:
         ds = _read(name, req.root, req.split,
                    lambda: cls(req.root, train=req.split == "train", download=False))
+        prefix = "train" if req.split == "train" else "t10k"
+        check_labels(os.path.join(ds.raw_folder, f"{prefix}-labels-idx1-ubyte"), ds.targets.numpy(), 10)
         return _in_memory(name, ds.data[:, None].contiguous(), ds.targets, req, 10)
 
     return build
 
 
 def _build_cifar10(req: _Request) -> tuple[Dataset, DatasetInfo]:
-    ds = _read("cifar10", req.root, req.split, lambda: _CIFAR10(req.root, train=req.split == "train"))
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC numpy -> NCHW
-    return _in_memory("cifar10", images, ds.targets, req, 10)
+    images, labels = _read("cifar10", req.root, req.split, lambda: _read_cifar10(req.root, req.split))
+    return _in_memory("cifar10", images, labels, req, 10)
 
 
 def _build_svhn(req: _Request) -> tuple[Dataset, DatasetInfo]:
     split = "train" if req.split == "train" else "test"
     ds = _read("svhn", req.root, req.split, lambda: _SVHN(req.root, split=split))
     images = torch.from_numpy(ds.data).contiguous()  # torchvision already made it (N, C, H, W)
+    check_labels(os.path.join(req.root, ds.filename), ds.labels, 10)  # after 10 -> 0: 1..10 are the digits
     return _in_memory("svhn", images, torch.from_numpy(ds.labels), req, 10)  # label 10 -> 0 done
 
 
@@ -345,7 +370,7 @@ def _build_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
         if other_classes != data.classes:
             only_here = sorted(set(data.classes) - set(other_classes))[:5]
             only_there = sorted(set(other_classes) - set(data.classes))[:5]
-            raise ValueError(f"imagenet class folders differ between {folder} ({len(data.classes)} classes) and "
+            raise DataError(f"imagenet class folders differ between {folder} ({len(data.classes)} classes) and "
                              f"{other} ({len(other_classes)} classes): only in the first {only_here}, "
                              f"only in the second {only_there}. {help_}")
     ds = ImageFolderDataset(data, size, augment=req.augment)
@@ -387,11 +412,11 @@ def _tiny_imagenet_files(root: str, split: str) -> tuple[list[str], list[tuple[s
                 continue
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 2:
-                raise ValueError(f"{ann}: expected tab-separated 'filename wnid x0 y0 x1 y1', got {line!r}")
+                raise DataError(f"{ann}: expected tab-separated 'filename wnid x0 y0 x1 y1', got {line!r}")
             name, wnid = parts[:2]
             path = os.path.join(folder, "images", name)
             if wnid not in label:
-                raise ValueError(f"tiny_imagenet val image {path} has wnid {wnid!r} ({ann}), which is not in "
+                raise DataError(f"tiny_imagenet val image {path} has wnid {wnid!r} ({ann}), which is not in "
                                  f"{wnids_path}")
             files.append((path, label[wnid]))
     return wnids, files
@@ -413,10 +438,12 @@ def _build_tiny_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
         try:
             with Image.open(path) as img:
                 pixels = np.array(img.convert("RGB"))  # a writable copy (12 KB) for torch
+        except PermissionError:  # build_dataset names it as such
+            raise
         except OSError as e:  # missing, truncated or not an image (PIL's UnidentifiedImageError is an OSError)
             raise OSError(f"tiny_imagenet image {path} could not be read: {e}") from e
         if pixels.shape != (_TINY_SIZE, _TINY_SIZE, 3):
-            raise ValueError(f"tiny_imagenet image {path} is {pixels.shape[1]}x{pixels.shape[0]} px, expected "
+            raise DataError(f"tiny_imagenet image {path} is {pixels.shape[1]}x{pixels.shape[0]} px, expected "
                              f"{_TINY_SIZE}x{_TINY_SIZE}")
         images[i] = torch.from_numpy(pixels).permute(2, 0, 1)
     ds, info = _in_memory("tiny_imagenet", images, [y for _, y in files], req, len(wnids))
@@ -463,4 +490,10 @@ def build_dataset(name: str, root: str, split: str, *, augment: bool, image_size
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
     req = _Request(os.fspath(root), split, augment, image_size, synthetic_size, synthetic_classes,
                    synthetic_channels, seed)
-    return _BUILDERS[name](req)
+    if name not in ("synthetic", "digits") and os.path.isfile(req.root):
+        raise DataError(f"data.root {req.root} is a file, not a folder: set it to the folder that holds the "
+                        f"{name} files")
+    try:
+        return _BUILDERS[name](req)
+    except PermissionError as e:  # from any open/listdir below: name the path, not a traceback
+        raise DataError(f"{e.filename or req.root}: permission denied") from None
