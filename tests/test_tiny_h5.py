@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from conftest import check_determinism, contains, shifted_crops
 from imnet.data import convert, h5
 from imnet.data import transforms as tf
+from imnet.data.core import DataError
 from imnet.data.datasets import NAMES, DatasetInfo, TensorImageDataset, build_dataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -392,3 +393,120 @@ def test_lazy_mode_matches_memory_and_is_worker_safe(tmp_path, monkeypatch, caps
     # Picklable (spawned workers): the handle stays behind and is reopened on first use.
     clone = pickle.loads(pickle.dumps(lazy))
     assert clone.reader._h5 is None and clone.reader._node is None and torch.equal(clone[(2, 9)][0], lazy[(2, 9)][0])
+
+
+# ------------------------------------------------------------------------------ damaged files
+
+
+def write_fast(root, split, labels, n=None, **attrs) -> str:
+    """root/<split>.h5 in the fast layout written directly (the Writer refuses what these tests need)."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f"{split}.h5")
+    n = len(labels) if n is None else n
+    with h5py.File(path, "w") as f:
+        f["images"] = rand_images(n, 4, 4, 3, seed=n)
+        f["labels"] = np.asarray(labels)
+        f.attrs.update({"format": "imnet-h5-v1", "num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3, **attrs})
+    return path
+
+
+def raised(root, split="train") -> str:
+    with pytest.raises(DataError) as err:
+        build_dataset("h5", str(root), split, augment=False)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_h5_float_labels_must_be_whole(tmp_path):
+    write_fast(tmp_path, "val", [0, 1])
+    train = write_fast(tmp_path, "train", np.array([0.0, 2.0, 1.0]))  # whole floats are read as ints
+    assert build_dataset("h5", str(tmp_path), "train", augment=False)[0].targets.tolist() == [0, 2, 1]
+    train = write_fast(tmp_path, "train", np.array([0.0, 2.0, 5.7]))
+    assert raised(tmp_path) == f"{train}: label 5.7 at index 2 is not a whole number"
+
+    ids = ["p", "q"]
+    write_old(tmp_path / "old", ids, rand_images(2, 4, 4, 1, 0), [0, 1])
+    with h5py.File(tmp_path / "old" / "data.hdf5", "a") as f:
+        del f["q/label"]
+        f["q/label"] = np.float32(5.7)
+    assert raised(tmp_path / "old") == f"{tmp_path / 'old' / 'data.hdf5'}: sample 'q': label 5.7 is not a whole number"
+
+
+@pytest.mark.parametrize("row,reason", [
+    ([0, 1, 1, 0], "one-hot label has 2 ones, expected exactly one"),
+    ([0, 0, 0, 0], "one-hot label has 0 ones, expected exactly one"),
+    ([0, 0.5, 0, 0], "one-hot label holds 0.5, not only 0 and 1"),
+])
+def test_h5_one_hot_rows_must_be_exact(tmp_path, row, reason):
+    write_old(tmp_path, ["a", "b", "c"], rand_images(3, 4, 4, 3, 0), [0, 2, 1], one_hot=4)
+    with h5py.File(tmp_path / "data.hdf5", "a") as f:
+        del f["b/label"]
+        f["b/label"] = np.array(row, dtype=np.float32)
+    assert raised(tmp_path) == f"{tmp_path / 'data.hdf5'}: sample 'b': {reason}"
+
+
+def test_h5_stated_class_count_is_kept(tmp_path):
+    write_fast(tmp_path, "train", [0, 1, 2, 1])
+    val = write_fast(tmp_path, "val", [2, 5, 0])  # num_classes = 3
+    assert raised(tmp_path) == f"{val}: label 5 at index 1 is outside 0..2"  # val checked when train loads
+    write_fast(tmp_path, "val", [2, 1, 0])
+    train = write_fast(tmp_path, "train", [0, 1, 2, 1], num_classes=0)
+    assert raised(tmp_path) == f"{train}: attribute num_classes is 0, expected a positive integer"
+
+    write_old(tmp_path / "old", ["p", "q", "r"], rand_images(3, 4, 4, 1, 0), [0, 4, 1])
+    with h5py.File(tmp_path / "old" / "data.hdf5", "a") as f:
+        f.attrs["num_classes"] = 3
+    msg = raised(tmp_path / "old")  # the holdout split puts 'q' at index 0 or 1 of its split
+    assert msg.startswith(f"{tmp_path / 'old' / 'data.hdf5'}: label 4 at index ")
+    assert msg.endswith(" (sample 'q') is outside 0..2")
+
+
+@pytest.mark.parametrize("attrs,reason", [
+    ({"std": [0.25, 0.0, 0.25]}, "attribute std is [0.25, 0.0, 0.25], every value must be finite and > 0"),
+    ({"mean": [0.5, np.nan, 0.5]}, "attribute mean is [0.5, nan, 0.5], every value must be finite"),
+    ({"mean": [0.5, 0.5]}, "attribute mean has 2 values, expected 1 or 3 (one per channel)"),
+])
+def test_h5_mean_std_attributes(tmp_path, attrs, reason):
+    write_fast(tmp_path, "val", [0, 1])
+    train = write_fast(tmp_path, "train", [0, 1, 2], **attrs)
+    assert raised(tmp_path, "val") == f"{train}: {reason}"
+
+
+def test_h5_single_mean_std_apply_to_every_channel(tmp_path):
+    write_fast(tmp_path, "val", [0, 1], mean=[0.5], std=[0.25])
+    write_fast(tmp_path, "train", [0, 1, 2], mean=[0.5], std=[0.25])
+    _, info = build_dataset("h5", str(tmp_path), "train", augment=False)
+    assert info.mean == (0.5,) * 3 and info.std == (0.25,) * 3
+
+
+def test_h5_truncated_or_garbage_file(tmp_path):
+    write_fast(tmp_path, "val", [0, 1])
+    train = write_fast(tmp_path, "train", [0, 1, 2] * 20)
+    os.truncate(train, os.path.getsize(train) // 2)  # a half-copied file
+    msg = raised(tmp_path)
+    assert msg.startswith(f"{train}: not a readable HDF5 file (truncated or damaged): ") and "truncated file" in msg
+    with open(train, "wb") as fh:
+        fh.write(np.random.default_rng(0).bytes(4096))
+    assert raised(tmp_path).startswith(f"{train}: not a readable HDF5 file (truncated or damaged): ")
+
+
+def test_h5_permission_denied(tmp_path, monkeypatch):
+    write_fast(tmp_path, "val", [0, 1])
+    train = write_fast(tmp_path, "train", [0, 1, 2])
+    real = h5py.File
+
+    def file(path, *args, **kw):  # simulated: the tests may run as root, which reads anything
+        if os.fspath(path) == train:
+            raise PermissionError(13, f"Unable to synchronously open file (unable to open file: name = '{path}')")
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(h5py, "File", file)
+    assert raised(tmp_path) == f"{train}: permission denied"
+
+
+def test_h5_empty_lists(tmp_path):
+    write_old(tmp_path, [], [], [])  # an empty id.txt next to an empty data file
+    assert raised(tmp_path) == f"{tmp_path / 'id.txt'}: no sample ids (one id per line expected)"
+    write_fast(tmp_path / "fast", "val", [0, 1])
+    train = write_fast(tmp_path / "fast", "train", np.zeros(0, np.int64))
+    assert raised(tmp_path / "fast") == f"{train}: no images (the 'images' dataset is empty)"

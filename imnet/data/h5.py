@@ -14,8 +14,8 @@ DataLoader workers; lzf would save little on natural-image pixels and cost CPU o
 
 Old layout (read only), what users already have: `data.hdf5` (or `data.hy` when data.hdf5 is absent)
 holding one group per sample id, each with an `image` dataset (uint8 (H, W, C), C = 1 or 3; a 2-D
-(H, W) image is read as C = 1) and a `label` dataset (an integer scalar, or a one-hot vector read as
-its argmax), next to `id.txt` listing the sample ids one per line (blank lines ignored). Splits:
+(H, W) image is read as C = 1) and a `label` dataset (an integer scalar, or an exact one-hot vector:
+one 1, the rest 0), next to `id.txt` listing the sample ids one per line (blank lines ignored). Splits:
 `root/train/` and `root/val/` each holding their own data.hdf5 + id.txt; without a `root/train/`
 folder, `root/data.hdf5` + `root/id.txt` is split by a fixed hash of each id string (blake2b, keyed,
 independent of the run seed and of the order of id.txt): the round(N / 10) ids with the smallest hash
@@ -23,9 +23,12 @@ independent of the run seed and of the order of id.txt): the round(N / 10) ids w
 every id when the dataset is built (one small read per id: about a minute per million samples).
 
 Which layout: the fast one whenever `root/train.h5` exists.
-num_classes: the `num_classes` attribute, else max label + 1 over both splits (for one-hot labels at
-least the vector length). image_size: H (H == W is required). mean/std: the stored attributes, else
-(old layout) computed from at most the first STATS_IMAGES train images.
+num_classes: the `num_classes` attribute (of train.h5, or of the old layout's train data file), else
+max label + 1 over both splits (for one-hot labels at least the vector length); every label of both
+splits must lie in [0, num_classes). Labels must be whole numbers (a float 5.0 is read as 5; 5.7 is
+an error, never truncated). image_size: H (H == W is required). mean/std: the stored attributes
+(finite, std > 0, one value or one per channel), else (old layout) computed from at most the first
+STATS_IMAGES train images. Any damaged or inconsistent file raises `DataError` naming it.
 
 Memory: a split whose uint8 pixels take less than IN_MEMORY_BYTES is read once into a
 `TensorImageDataset` (the CIFAR path: same crop/flip/normalize, usable by a GPU-resident loader); a
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import os
 from collections.abc import Sequence
@@ -51,6 +55,7 @@ import torch
 from torch.utils.data import Dataset
 
 from imnet.data import transforms as tf
+from imnet.data.core import DataError
 from imnet.data.datasets import DatasetInfo, TensorImageDataset, _parse_key
 
 FORMAT = "imnet-h5-v1"
@@ -65,8 +70,55 @@ HELP = ("Expected either the fast layout {root}/train.h5 + {root}/val.h5 (write 
         "data.hdf5 + id.txt.")
 
 
+def _unreadable(path: str, e: OSError) -> DataError:
+    if isinstance(e, PermissionError) or e.errno == errno.EACCES:
+        return DataError(f"{path}: permission denied")
+    return DataError(f"{path}: not a readable HDF5 file (truncated or damaged): {' '.join(str(e).split())}")
+
+
 def _open(path: str) -> h5py.File:
-    return h5py.File(path, "r", locking=False)
+    try:
+        return h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _unreadable(path, e) from None
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """`_open(path)` for a whole read: an error reading inside a damaged file names the file too."""
+    with _open(path) as f:
+        try:
+            yield f
+        except OSError as e:
+            raise _unreadable(path, e) from None
+
+
+def _whole(path: str, where: str, values: np.ndarray) -> np.ndarray:
+    """int64 labels from integer or whole float `values`; DataError naming the first that is not whole."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    if values.dtype.kind != "f":
+        raise DataError(f"{path}: {where}labels must be numbers, got {values.dtype}")
+    flat = values.reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(flat) | (flat != np.round(flat)))
+    if len(bad):  # a truncated 5.7 would train on a wrong class without a word
+        at = f" at index {int(bad[0])}" if values.ndim else ""
+        raise DataError(f"{path}: {where}label {flat[bad[0]]!s}{at} is not a whole number")  # str: float32 5.7
+    return values.astype(np.int64)
+
+
+def _one_hot(path: str, where: str, vector: np.ndarray) -> int:
+    """The class of an exact one-hot vector (one 1, the rest 0); DataError otherwise."""
+    others = sorted(set(np.unique(vector).tolist()) - {0, 1})
+    if others:
+        raise DataError(f"{path}: {where}one-hot label holds {others[0]}, not only 0 and 1")
+    ones = int(np.count_nonzero(vector))
+    if ones != 1:
+        raise DataError(f"{path}: {where}one-hot label has {ones} ones, expected exactly one")
+    return int(np.argmax(vector))
 
 
 class _Reader:
@@ -108,22 +160,24 @@ class _Fast(_Reader):
 
     def __init__(self, path: str):
         super().__init__(path)
-        with _open(path) as f:
+        with _reading(path) as f:
             if f.attrs.get("format") != FORMAT:
-                raise ValueError(f"{path}: attribute format is {f.attrs.get('format')!r}, expected {FORMAT!r}")
+                raise DataError(f"{path}: attribute format is {f.attrs.get('format')!r}, expected {FORMAT!r}")
             images, labels = f.get("images"), f.get("labels")
             if (not isinstance(images, h5py.Dataset) or images.ndim != 4 or images.dtype != np.uint8
                     or not isinstance(labels, h5py.Dataset) or labels.shape != images.shape[:1]):
-                raise ValueError(f"{path}: expected datasets 'images' uint8 (N, H, W, C) and 'labels' (N,)")
+                raise DataError(f"{path}: expected datasets 'images' uint8 (N, H, W, C) and 'labels' (N,)")
+            if len(images) == 0:
+                raise DataError(f"{path}: no images (the 'images' dataset is empty)")
             self.shape = tuple(images.shape[1:])
-            self.labels = labels[()].astype(np.int64)
+            self.labels = _whole(path, "", labels[()])
             self.attrs = dict(f.attrs)
 
     def image(self, index: int) -> np.ndarray:
         return self.node()[index]
 
     def load(self, stop: int | None = None) -> np.ndarray:
-        with _open(self.path) as f:
+        with _reading(self.path) as f:
             return f["images"][:stop]
 
 
@@ -135,32 +189,33 @@ class _Old(_Reader):
         self.ids = list(ids)
         self.one_hot = 0  # length of the one-hot label vectors (0: integer labels)
         labels, shape, first = [], None, None
-        with _open(path) as f:
+        with _reading(path) as f:
+            self.attrs = dict(f.attrs)
             for sid in self.ids:
                 if sid not in f:
-                    raise ValueError(f"sample id {sid!r} listed in {id_path} is missing from {path}")
+                    raise DataError(f"sample id {sid!r} listed in {id_path} is missing from {path}")
                 g = f[sid]
                 if not isinstance(g, h5py.Group) or "image" not in g or "label" not in g:
-                    raise ValueError(f"sample {sid!r} in {path} must be a group with 'image' and 'label' datasets")
+                    raise DataError(f"sample {sid!r} in {path} must be a group with 'image' and 'label' datasets")
                 s = g["image"].shape
                 s = (*s, 1) if len(s) == 2 else s
                 if len(s) != 3 or s[2] not in (1, 3) or g["image"].dtype != np.uint8:
-                    raise ValueError(f"sample {sid!r} in {path}: image must be uint8 (H, W, C) with C = 1 or 3, "
-                                     f"got {g['image'].dtype} {g['image'].shape}")
+                    raise DataError(f"sample {sid!r} in {path}: image must be uint8 (H, W, C) with C = 1 or 3, "
+                                    f"got {g['image'].dtype} {g['image'].shape}")
                 if shape is None:
                     shape, first = s, sid
                 elif s != shape:
-                    raise ValueError(f"sample {sid!r} in {path} has image shape {s} but sample {first!r} has "
-                                     f"{shape}: all images must share one H x W x C")
-                label = np.asarray(g["label"][()])
+                    raise DataError(f"sample {sid!r} in {path} has image shape {s} but sample {first!r} has "
+                                    f"{shape}: all images must share one H x W x C")
+                label, where = np.asarray(g["label"][()]), f"sample {sid!r}: "
                 if label.size == 1:
-                    labels.append(int(label.reshape(-1)[0]))
+                    labels.append(int(_whole(path, where, label.reshape(()))))
                 elif label.ndim == 1:
-                    labels.append(int(label.argmax()))
+                    labels.append(_one_hot(path, where, label))
                     self.one_hot = max(self.one_hot, label.size)
                 else:
-                    raise ValueError(f"sample {sid!r} in {path}: label must be an integer or a one-hot vector, "
-                                     f"got shape {label.shape}")
+                    raise DataError(f"{path}: {where}label must be an integer or a one-hot vector, got shape "
+                                    f"{label.shape}")
         self.shape = shape or (0, 0, 0)
         self.labels = np.asarray(labels, dtype=np.int64)
 
@@ -177,7 +232,7 @@ class _Old(_Reader):
     def load(self, stop: int | None = None) -> np.ndarray:
         ids = self.ids[:stop]
         out = np.empty((len(ids), *self.shape), dtype=np.uint8)
-        with _open(self.path) as f:
+        with _reading(self.path) as f:
             for i, sid in enumerate(ids):
                 out[i] = f[sid]["image"][()].reshape(self.shape)
         return out
@@ -187,12 +242,17 @@ class _Old(_Reader):
 
 
 def read_ids(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
-        ids = [line.strip() for line in fh if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as fh:
+            ids = [line.strip() for line in fh if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a text file of sample ids ({e.reason} at byte {e.start})") from None
+    if not ids:
+        raise DataError(f"{path}: no sample ids (one id per line expected)")
     seen: set[str] = set()
     for sid in ids:
         if sid in seen:
-            raise ValueError(f"sample id {sid!r} is listed twice in {path}")
+            raise DataError(f"sample id {sid!r} is listed twice in {path}")
         seen.add(sid)
     return ids
 
@@ -296,6 +356,20 @@ def stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return sums.result()
 
 
+def _channel_stat(path: str, attrs: dict, key: str, channels: int) -> tuple[float, ...]:
+    """The `mean` or `std` attribute as one float per channel: finite, std > 0, 1 or C values."""
+    try:
+        v = np.asarray(attrs[key], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: attribute {key} is {attrs[key]!r}, expected numbers") from None
+    if v.size not in (1, channels):
+        raise DataError(f"{path}: attribute {key} has {v.size} values, expected 1 or {channels} (one per channel)")
+    if not np.isfinite(v).all() or (key == "std" and (v <= 0).any()):
+        need = "finite and > 0" if key == "std" else "finite"
+        raise DataError(f"{path}: attribute {key} is {v.tolist()}, every value must be {need}")
+    return tuple(float(x) for x in np.broadcast_to(v, (channels,)))
+
+
 def build(root: str, split: str, *, augment: bool, image_size: int | None) -> tuple[Dataset, DatasetInfo]:
     """The `h5` dataset: see the module docstring for the layouts and rules."""
     if os.path.isfile(os.path.join(root, "train.h5")):
@@ -309,23 +383,32 @@ def build(root: str, split: str, *, augment: bool, image_size: int | None) -> tu
         attrs = train.attrs
     else:
         this, train, found = _old_readers(root, split)
-        attrs = {}
+        attrs = {k: v for k, v in train.attrs.items() if k == "num_classes"}  # the only attribute it may state
 
     h, w, c = this.shape
     if h != w:
-        raise ValueError(f"dataset 'h5' ({split}) under {root}: images are {h}x{w} px, only square images "
+        raise DataError(f"dataset 'h5' ({split}) under {root}: images are {h}x{w} px, only square images "
                          f"(H == W) are supported")
     if this.shape != train.shape:
-        raise ValueError(f"dataset 'h5' under {root}: {split} images are {this.shape} (H, W, C) but train "
+        raise DataError(f"dataset 'h5' under {root}: {split} images are {this.shape} (H, W, C) but train "
                          f"images are {train.shape}")
     one_hot = max((getattr(r, "one_hot", 0) for r in found), default=0)
     max_label = max((int(r.labels.max()) for r in found if len(r)), default=-1)
-    num_classes = int(attrs["num_classes"]) if "num_classes" in attrs else max(max_label + 1, one_hot)
-    if len(this) and (this.labels.min() < 0 or this.labels.max() >= num_classes):
-        raise ValueError(f"dataset 'h5' ({split}) in {this.path}: labels must lie in [0, {num_classes}), got "
-                         f"{this.labels.min()}..{this.labels.max()}")
+    if "num_classes" in attrs:
+        num_classes = attrs["num_classes"]
+        if np.ndim(num_classes) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise DataError(f"{train.path}: attribute num_classes is {np.asarray(num_classes).tolist()!r}, expected a positive integer")
+        num_classes = int(num_classes)
+    else:
+        num_classes = max(max_label + 1, one_hot)
+    for r in found:  # both splits: a stated class count is never raised to fit a stray label
+        bad = np.flatnonzero((r.labels < 0) | (r.labels >= num_classes))
+        if len(bad):
+            i = int(bad[0])
+            sample = f" (sample {r.ids[i]!r})" if isinstance(r, _Old) else ""
+            raise DataError(f"{r.path}: label {r.labels[i]} at index {i}{sample} is outside 0..{num_classes - 1}")
     if "mean" in attrs and "std" in attrs:
-        mean, std = tuple(float(v) for v in attrs["mean"]), tuple(float(v) for v in attrs["std"])
+        mean, std = (_channel_stat(train.path, attrs, k, c) for k in ("mean", "std"))
     else:
         mean, std = stats(train.load(STATS_IMAGES))
     flip = bool(attrs.get("hflip", True))
