@@ -15,7 +15,11 @@ import re
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# a newline would end a line of a batch script or a log line; no name needs any of these
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
 
 class Section(BaseModel):
     # extra="forbid": an unknown key is an error, never silently ignored.
@@ -31,6 +35,29 @@ class RunCfg(Section):
     epochs: int = Field(1, gt=0)
     max_steps: Optional[int] = Field(None, gt=0)  # stop after this many optimizer steps (None: all epochs)
     eval_every: int = Field(1, ge=0)  # validate every this many epochs, and at the end (0: only at the end)
+
+    @field_validator("out_dir")
+    @classmethod
+    def _out_dir(cls, v: str) -> str:
+        return _text(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # one folder below out_dir, or several joined by '/' (a sweep's <sweep>/<point>), never outside it
+        if any(part in ("", ".", "..") or os.sep in part for part in _text(v).split("/")):
+            raise ValueError(f"{v!r}: expected a folder name, or names joined by '/' such as a sweep's "
+                             f"<sweep>/<point>, none of them empty, '.' or '..' (the run folder is "
+                             f"run.out_dir/run.name)")
+        return v
+
+
+def _text(v: str) -> str:
+    if not v:
+        raise ValueError("must not be empty")
+    if CONTROL_RE.search(v):
+        raise ValueError(f"{v!r} contains a control character (newline, tab, ...)")
+    return v
 
 
 class DataCfg(Section):
@@ -199,6 +226,8 @@ def _format(err: ValidationError, prefix: str = "") -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "model_type":  # e.g. `run=5`
+            msg = f"expected a mapping of keys (a section), got {e['input']!r}"
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
             if path == "<root>":  # cross-field checks carry their own key path
@@ -208,11 +237,45 @@ def _format(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
+class _YAMLProblem(yaml.MarkedYAMLError):
+    """What imnet refuses in well-formed YAML, at its line: a duplicate key, a tag, a value its tag cannot read."""
+
+    def __init__(self, problem: str, mark):
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+def _tag(tag: str) -> str:
+    return tag.replace("tag:yaml.org,2002:", "!!", 1)
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as booleans, which
-    would turn `precision.amp: off` into False."""
+    would turn `precision.amp: off` into False. A duplicate key is an error (PyYAML keeps the last
+    one silently: a second `optim:` block would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:  # before merge keys (<<) are flattened: keys may override merged ones
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                    if key in first:
+                        raise _YAMLProblem(f"duplicate key {key!r} (first at line {first[key]})", key_node.start_mark)
+                    first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_undefined(self, node):  # SafeLoader's refusal, e.g. !!python/object/apply, with its line
+        raise _YAMLProblem(f"unsafe/unsupported YAML tag {_tag(node.tag)!r}", node.start_mark)
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, AttributeError):  # e.g. `!!int abc`: int("abc")
+            value = f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""
+            raise _YAMLProblem(f"cannot read {_tag(node.tag)}{value}", node.start_mark) from None
 
 
+_Loader.add_constructor(None, _Loader.construct_undefined)
 _Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
                                    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
@@ -221,6 +284,45 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
 
 def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
+
+
+def _problem(e: yaml.YAMLError) -> str:
+    """One line: where and what."""
+    if isinstance(e, _YAMLProblem):
+        return f"line {e.problem_mark.line + 1}: {e.problem}"
+    if isinstance(e, yaml.reader.ReaderError):  # bytes PyYAML cannot read as text: it knows the offset only
+        return f"not valid YAML: position {e.position}: {str(e).splitlines()[0]}"
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:
+        return f"not valid YAML: line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return "not valid YAML: " + " ".join(str(e).split())
+
+
+def _read_yaml(path: str, option: str) -> tuple[Any, dict]:
+    """(the file's data, {top-level key: its line})."""
+    with open(path, "rb") as f:  # bytes: PyYAML names an encoding problem like any other
+        text = f.read()
+    try:
+        loader = _Loader(text)  # reads the encoding already
+        try:
+            node = loader.get_single_node()
+            data = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.reader.ReaderError as e:  # no mark: its position counts characters, or bytes where decoding failed
+        before = text.decode("utf-8", "replace")[:e.position] if e.encoding == "unicode" else text[:e.position]
+        line = before.count("\n" if isinstance(before, str) else b"\n") + 1
+        raise ConfigError(f"{option} {path}: not valid YAML: line {line}: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{option} {path}: {_problem(e)}") from None
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    return data, lines
+
+
+def read_yaml(path: str, option: str = "--config") -> Any:
+    """A YAML file's data; a duplicate key, a tag SafeLoader refuses or a syntax error is a one-line
+    ConfigError `OPTION FILE: ...` naming the line."""
+    return _read_yaml(path, option)[0]
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
@@ -244,7 +346,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             value = _yaml(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {_problem(e)}") from None
         _set(tree, key, value)
     return tree
 
@@ -271,10 +373,15 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None, base
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"--config: no such file {path!r}")
-        with open(path) as f:
-            loaded = _yaml(f.read()) or {}
+        loaded, lines = _read_yaml(path, "--config")
+        loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
+        for key, value in loaded.items():  # checked here: an override such as run.name=x would replace it
+            if key in Config.model_fields and not isinstance(value, dict):
+                where = f"line {lines[key]}: " if key in lines else ""  # not there: it came from a merge key (<<)
+                raise ConfigError(f"--config {path}: {where}{key}: expected a mapping of keys (a section), "
+                                  f"got {value!r}")
         tree = _merge(tree, loaded)
     tree = _merge(tree, parse_overrides(overrides or []))
     return from_dict(tree)

@@ -28,8 +28,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import yaml
-
 from imnet import config
 from imnet.dist import EXIT_STOPPED
 from imnet.log import DONE
@@ -55,11 +53,8 @@ def load_sweep(path: str) -> Sweep:
     """A sweep file -> Sweep; any problem is a ValueError naming the file."""
     if not os.path.isfile(path):
         raise ValueError(f"--sweep: no such file {path!r}")
-    with open(path) as f:
-        try:
-            doc = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"--sweep {path}: not valid YAML: {e}") from None
+    doc = config.read_yaml(path, "--sweep")  # the configs' loader: duplicate keys and tags are errors
+    doc = {} if doc is None else doc
     if not isinstance(doc, dict) or set(doc) - {"name", "base", "set", "grid", "exclude"} \
             or not isinstance(doc.get("grid"), dict) or not doc["grid"]:
         raise ValueError(f"--sweep {path}: expected a mapping with `grid: {{key.sub: [values]}}` and optional "

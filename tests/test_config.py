@@ -1,4 +1,5 @@
 import glob
+import json
 import os
 
 import pytest
@@ -182,3 +183,146 @@ def test_yaml_1_1_words_stay_strings(tmp_path):
     assert cfg.precision.amp == "off" and cfg.run.deterministic is True
     assert cfg.run.name == "no" and cfg.model.channels_last is True
     assert config.load(None, ["precision.amp=off"]).precision.amp == "off"
+
+
+# --- bad input in the file and on the command line: one line naming the file, the line and the key -----------
+
+def write(tmp_path, text: str) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def load_error(path=None, overrides=()) -> str:
+    with pytest.raises(ConfigError) as e:
+        config.load(path, list(overrides))
+    return str(e.value)
+
+
+def test_a_second_section_block_is_a_duplicate_key(tmp_path):
+    p = write(tmp_path, "optim:\n  base_lr: 0.2\ndata:\n  batch_size: 8\n\n# later\noptim:\n  momentum: 0.5\n")
+    assert load_error(p) == f"--config {p}: line 7: duplicate key 'optim' (first at line 1)"
+
+
+def test_a_key_twice_in_one_section_is_a_duplicate_key(tmp_path):
+    p = write(tmp_path, "run:\n  epochs: 2\noptim:\n  base_lr: 0.2\n  momentum: 0.5\n  base_lr: 0.3\n")
+    assert load_error(p) == f"--config {p}: line 6: duplicate key 'base_lr' (first at line 4)"
+
+
+def test_a_yaml_syntax_error_is_one_line(tmp_path):
+    p = write(tmp_path, "optim:\n  base_lr: [0.2\n")
+    assert load_error(p) == (f"--config {p}: not valid YAML: line 3, column 1: expected ',' or ']', "
+                             "but got '<stream end>'")
+
+
+def test_a_python_tag_is_refused_and_not_run(tmp_path):
+    flag = tmp_path / "pwned"
+    p = write(tmp_path, f"run:\n  name: !!python/object/apply:os.system [\"touch {flag}\"]\n")
+    assert load_error(p) == f"--config {p}: line 2: unsafe/unsupported YAML tag '!!python/object/apply:os.system'"
+    assert not flag.exists()
+
+
+def test_a_value_its_tag_cannot_read(tmp_path):
+    p = write(tmp_path, "run:\n  epochs: !!int abc\n")
+    assert load_error(p) == f"--config {p}: line 2: cannot read !!int 'abc'"
+
+
+def test_a_control_byte_in_the_file(tmp_path):
+    p = write(tmp_path, "run:\n  name: a\x01\n")
+    assert load_error(p) == (f"--config {p}: not valid YAML: line 2: unacceptable character #x0001: special "
+                             "characters are not allowed")
+
+
+def test_a_file_that_is_not_utf8(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"run:\n  name: caf\xe9\n")
+    assert load_error(str(p)) == (f"--config {p}: not valid YAML: line 2: unacceptable character #x00e9: invalid "
+                                  "continuation byte")
+
+
+def test_a_section_given_as_a_scalar_in_the_file(tmp_path):
+    p = write(tmp_path, "optim:\n  base_lr: 0.2\nrun: 5\n")
+    assert load_error(p) == f"--config {p}: line 3: run: expected a mapping of keys (a section), got 5"
+
+
+def test_a_section_given_as_a_scalar_in_the_file_with_an_override_of_its_keys(tmp_path):
+    p = write(tmp_path, "run: 5\n")  # the override must not silently replace it
+    assert load_error(p, ["run.name=x"]) == \
+        f"--config {p}: line 1: run: expected a mapping of keys (a section), got 5"
+
+
+def test_a_section_given_as_a_list_in_the_file(tmp_path):
+    p = write(tmp_path, "data:\n  - batch_size: 8\n")
+    assert load_error(p) == (f"--config {p}: line 1: data: expected a mapping of keys (a section), "
+                             "got [{'batch_size': 8}]")
+
+
+def test_a_section_set_to_a_scalar_on_the_command_line():
+    assert load_error(None, ["run=5"]) == "run: expected a mapping of keys (a section), got 5"
+
+
+CONTROL = "contains a control character (newline, tab, ...)"
+NAME_RULE = ("expected a folder name, or names joined by '/' such as a sweep's <sweep>/<point>, none of them empty, "
+             "'.' or '..' (the run folder is run.out_dir/run.name)")
+
+
+def test_run_name_with_a_newline():
+    assert load_error(None, ['run.name="a\\nb"']) == rf"run.name: 'a\nb' {CONTROL}"
+
+
+def test_run_name_with_a_newline_in_the_file(tmp_path):
+    p = write(tmp_path, 'run:\n  name: "a\\nb"\n')
+    assert load_error(p) == rf"run.name: 'a\nb' {CONTROL}"
+
+
+def test_run_name_with_a_tab():
+    assert load_error(None, ['run.name="a\\tb"']) == rf"run.name: 'a\tb' {CONTROL}"
+
+
+def test_run_name_with_a_nul_or_del():
+    assert load_error(None, ['run.name="a\\0b"']) == rf"run.name: 'a\x00b' {CONTROL}"
+    assert load_error(None, ['run.name="a\\x7fb"']) == rf"run.name: 'a\x7fb' {CONTROL}"
+
+
+def test_run_name_empty():
+    assert load_error(None, ["run.name="]) == "run.name: must not be empty"
+
+
+def test_run_name_outside_the_out_dir():
+    assert load_error(None, ["run.name=../x"]) == f"run.name: '../x': {NAME_RULE}"
+
+
+def test_run_name_absolute():
+    assert load_error(None, ["run.name=/abs"]) == f"run.name: '/abs': {NAME_RULE}"
+
+
+@pytest.mark.parametrize("name", [".", "a/", "a//b", "a/./b", "a/.."])
+def test_run_name_with_an_empty_dot_or_dotdot_part(name):
+    assert load_error(None, [f"run.name={name}"]) == f"run.name: {name!r}: {NAME_RULE}"
+
+
+@pytest.mark.parametrize("name", ["gn_b32", "sweep/norm=gn,batch_size=2,seed=0", "a/b/c", "..x", "a b"])
+def test_run_names_that_are_allowed(name):
+    assert config.load(None, [f"run.name={json.dumps(name)}"]).run.name == name
+
+
+def test_run_out_dir_with_a_newline():
+    assert load_error(None, ['run.out_dir="runs\\nx"']) == rf"run.out_dir: 'runs\nx' {CONTROL}"
+
+
+def test_run_out_dir_empty():
+    assert load_error(None, ["run.out_dir="]) == "run.out_dir: must not be empty"
+
+
+def test_overrides_stay_yaml_scalars():
+    cfg = config.load(None, ["run.name=s/p", "optim.base_lr=1e-2", "run.deterministic=true", "optim.betas=[0.8, 0.9]"])
+    assert (cfg.run.name, cfg.optim.base_lr, cfg.run.deterministic, cfg.optim.betas) == ("s/p", 0.01, True, (0.8, 0.9))
+    assert load_error(None, ["optim.betas=[0.8"]) == ("optim.betas: cannot parse value '[0.8': not valid YAML: line 1, "
+                                                      "column 5: expected ',' or ']', but got '<stream end>'")
+
+
+def test_shipped_yaml_files_have_no_duplicate_keys():
+    files = glob.glob(os.path.join(CONFIGS, "*.yaml")) + glob.glob(os.path.join(CONFIGS, "sweeps", "*.yaml"))
+    assert len(files) >= 13
+    for f in files:
+        assert isinstance(config.read_yaml(f), dict), f

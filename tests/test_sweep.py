@@ -198,3 +198,31 @@ def test_sweep_file_errors_name_the_file_and_the_problem(tmp_path, doc, message)
     (tmp_path / "syntax.yaml").write_text("grid: {model.norm: [gn\n")
     with pytest.raises(ValueError, match=f"--sweep {tmp_path}/syntax.yaml: not valid YAML"):
         sweep.load_sweep(str(tmp_path / "syntax.yaml"))
+
+
+def test_a_duplicate_key_in_a_sweep_file_names_its_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: d\ngrid:\n  model.norm: [gn, bn]\n  data.batch_size: [2]\n  model.norm: [gn]\n")
+    with pytest.raises(ValueError) as e:
+        sweep.load_sweep(str(path))
+    assert str(e.value) == f"--sweep {path}: line 5: duplicate key 'model.norm' (first at line 3)"
+
+
+def test_a_python_tag_in_a_sweep_file_is_refused(tmp_path):
+    path, flag = tmp_path / "tag.yaml", tmp_path / "pwned"
+    path.write_text(f"name: !!python/object/apply:os.system [\"touch {flag}\"]\ngrid: {{model.norm: [gn]}}\n")
+    with pytest.raises(ValueError) as e:
+        sweep.load_sweep(str(path))
+    assert str(e.value) == f"--sweep {path}: line 1: unsafe/unsupported YAML tag '!!python/object/apply:os.system'"
+    assert not flag.exists()
+
+
+def test_a_sweep_name_that_is_no_folder_name_is_refused(tmp_path):
+    path = tmp_path / "named.yaml"
+    path.write_text(yaml.safe_dump({"name": "a\nb", "base": os.path.join(ROOT, "configs", "digits_gn.yaml"),
+                                    "grid": {"model.norm": ["gn"]}}))
+    sw = sweep.load_sweep(str(path))
+    with pytest.raises(ValueError) as e:
+        sweep.resolve_points(sw, None, [f"run.out_dir={tmp_path}"])
+    assert str(e.value) == ("sweep point norm=gn: run.name: 'a\\nb/norm=gn' contains a control character "
+                            "(newline, tab, ...)")
