@@ -41,8 +41,7 @@ import submitit
 from imnet import config
 from imnet.sweep import load_sweep, point_name, resolve_points
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*$")  # partition, account, qos
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")  # a newline would end an #SBATCH line; submitit quotes the rest
+NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*")  # partition, account, qos (fullmatch: `$` lets "gpu\n" through)
 SLURM_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9]")  # sbatch's long option names
 # --slurm keys that have an option here: `--slurm account=lab` is `--account lab`
 SLURM_ALIASES = ("partition", "account", "qos", "constraint", "mem", "time", "job-name")
@@ -186,11 +185,11 @@ def parse(argv):
     check(a.max_requeues >= 0, f"--max-requeues must be 0 or more (got {a.max_requeues})")
     for opt in ("partition", "account", "qos"):
         v = getattr(a, opt)
-        check(v is None or NAME_RE.match(v), f"--{opt} {v!r}: use letters, digits, '_', '.', '-' (several: comma-separated)")
+        check(v is None or NAME_RE.fullmatch(v), f"--{opt} {v!r}: use letters, digits, '_', '.', '-' (several: comma-separated)")
     check(a.mem is None or re.fullmatch(r"\d+[KMGT]?", a.mem), f"--mem {a.mem!r}: expected a size such as 64G or 4000M")
-    for opt in ("constraint", "job_name"):
+    for opt in ("constraint", "job_name", "folder"):  # --folder: the #SBATCH --output/--error paths
         v = getattr(a, opt)
-        check(v is None or not CONTROL_RE.search(v), f"--{opt.replace('_', '-')} {v!r}: no control characters")
+        check(v is None or not config.CONTROL_RE.search(v), f"--{opt.replace('_', '-')} {v!r}: no control characters")
     check(a.poll > 0, f"--poll must be more than 0 seconds (got {a.poll})")
     try:
         a.minutes = minutes(a.time)
@@ -232,7 +231,7 @@ def slurm_options(a, p) -> dict:
             hint = f" (sbatch spells it {key.replace('_', '-')})" if SLURM_KEY_RE.fullmatch(key.replace("_", "-")) else ""
             p.error(f"--slurm {item!r}: expected KEY=VALUE (or KEY alone, a flag) with KEY an sbatch long option "
                     f"name (letters, digits, '-'), e.g. mail-type=END{hint}")
-        if (eq and not value) or CONTROL_RE.search(value):
+        if (eq and not value) or config.CONTROL_RE.search(value):
             p.error(f"--slurm {item!r}: the value must be non-empty, without control characters (a newline "
                     "would break the batch script)")
         if key in SLURM_OWNED:

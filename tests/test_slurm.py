@@ -521,6 +521,12 @@ BAD = [
     (["--slurm", "qos=a;b"], "--qos 'a;b': use letters, digits"),
     (["--slurm", "partition"], "--slurm partition: needs a value (--slurm partition=VALUE)\n"),
     (["--constraint", "a\nb"], "--constraint 'a\\nb': no control characters\n"),
+    (["--job-name", "a\nb"], "--job-name 'a\\nb': no control characters\n"),
+    (["--folder", "logs\n#SBATCH --x"], "--folder 'logs\\n#SBATCH --x': no control characters\n"),
+    (["--partition", "gpu\n"], "--partition 'gpu\\n': use letters, digits"),
+    (["--slurm", "mail-user=a\tb"], "--slurm 'mail-user=a\\tb': the value must be non-empty, without control"),
+    (['run.name="a\\nb"'], "run.name: 'a\\nb' contains a control character (newline, tab, ...)\n"),
+    (["run.name=../x"], "run.name: '../x': expected a folder name, or names joined by '/'"),
     (["--local", "--slurm", "mail-type=END"], "--slurm options are for Slurm: not with --local\n"),
     (["--wait", "--poll", "0"], "--poll must be more than 0 seconds (got 0.0)\n"),
 ]
