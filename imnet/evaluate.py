@@ -44,16 +44,17 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "o
 
 
 def resolve(path: str) -> str:
-    """A checkpoint file, a checkpoints folder, or a `latest` pointer -> the checkpoint file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, checkpoint.POINTER)
-    if os.path.basename(path) == checkpoint.POINTER:
-        found = checkpoint.Checkpointer(os.path.dirname(path), is_main=False).latest()
+    """A checkpoint file (verified), or a checkpoints folder or its `latest` -> the checkpoint a resume
+    would take: the newest whole one (a damaged one is named in a warning and skipped, not moved)."""
+    if os.path.isdir(path) or os.path.basename(path) == checkpoint.POINTER:
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        found = checkpoint.Checkpointer(folder, is_main=False).find_resume("auto", set_aside=False)
         if found is None:
-            raise FileNotFoundError(f"no complete checkpoint named by {path}")
+            raise FileNotFoundError(f"no whole checkpoint in {folder}")
         return found
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file {path}")
+    checkpoint.verify(path)
     return path
 
 

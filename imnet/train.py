@@ -123,7 +123,16 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
         milestones=o.milestones, gamma=o.gamma, min_lr=o.min_lr)
 
     step = epoch = pos = bad_in_row = 0             # pos: optimizer steps done in this epoch
-    resume_path = ckpt.find_resume(cfg.ckpt.resume)
+    found, err = None, None
+    if d.is_main:  # one rank picks (it may set a damaged checkpoint aside), every rank loads that file
+        try:
+            found = ckpt.find_resume(cfg.ckpt.resume)
+        except (OSError, checkpoint.CheckpointError) as e:
+            err = e
+    found, err = dist.broadcast_object((found, err))
+    if err is not None:
+        raise err
+    resume_path = found
     if resume_path:  # every rank reads it; refused (ResumeError) or warned about before any weight is loaded
         state = checkpoint.load(resume_path)
         warnings = resume.check(state, resume_path, config.to_dict(cfg), world=d.world, shapes=engine.shapes(eng.module),
@@ -289,7 +298,7 @@ def main(argv=None) -> dict:
     d = dist.setup(cfg.dist)
     try:
         result = fit(cfg, d)
-    except (FileNotFoundError, SinkError, config.ConfigError, PeerError) as e:  # missing data or sink, a refused
+    except (FileNotFoundError, SinkError, config.ConfigError, PeerError, checkpoint.CheckpointError) as e:  # missing data or sink, a refused
         # resume, a setup only the data or the world reveals (BN on one image per rank), a lost rank: the message
         # says what to do or which rank
         dist.report_error(f"imnet.train: error: {e}")

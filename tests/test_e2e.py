@@ -25,7 +25,8 @@ def test_readme_default_run(tmp_path):
     assert [r["step"] for r in rows if r["split"] == "val"] == [22, 44, 66]
     assert (run_dir / "config.yaml").exists() and (run_dir / "run_info.json").exists()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "ckpt_00000022.pt", "ckpt_00000044.pt", "ckpt_00000066.pt", "latest"]
+        "ckpt_00000022.pt", "ckpt_00000022.pt.sha256", "ckpt_00000044.pt", "ckpt_00000044.pt.sha256",
+        "ckpt_00000066.pt", "ckpt_00000066.pt.sha256", "latest"]
 
 
 def test_bad_override_fails_before_training(tmp_path):

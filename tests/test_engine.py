@@ -131,7 +131,8 @@ def test_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
     assert "stopped by signal at step" in out
     step = int(out.split("stopped by signal at step ")[1].split(";")[0])
     assert step < 3 * 64  # 512 images / 8 per batch = 64 steps an epoch
-    assert sorted(os.listdir(tmp_path / "sig" / "checkpoints")) == [f"ckpt_{step:08d}.pt", "latest"]
+    assert sorted(os.listdir(tmp_path / "sig" / "checkpoints")) == [f"ckpt_{step:08d}.pt", f"ckpt_{step:08d}.pt.sha256",
+                                                                    "latest"]
     resumed = run(args).stdout
     assert f"at step {step} " in resumed
     steps = [r["step"] for r in metrics(tmp_path / "sig") if r["split"] == "train"]
