@@ -199,6 +199,11 @@ class Config(Section):
                 raise ValueError("dist.deepspeed_config: only used by dist.backend=deepspeed")
         elif self.model.compile:
             raise ValueError("model.compile: not supported with dist.backend=deepspeed (use the DDP backends)")
+        if self.data.loader == "dali" and self.data.on_bad_image == "skip":
+            # DALI decodes a whole batch inside its pipeline: a file that fails stops the pipeline, and there
+            # is no slot-for-slot replacement as in the torch loader (same step counts on every rank)
+            raise ValueError("data.on_bad_image=skip: the DALI loader cannot replace an unreadable image; find the bad "
+                             "files with python -m imnet.data.check ROOT and fix or remove them, or use data.loader=torch")
         r = self.ckpt.resume
         if r not in ("auto", "never") and not os.path.isfile(r):
             raise ValueError(f"ckpt.resume: {r!r} is neither auto, never nor an existing checkpoint file")

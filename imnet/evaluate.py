@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from imnet import checkpoint, config, dist
+from imnet.data.core import DataError
 from imnet.engine import autocast
 
 
@@ -74,7 +75,11 @@ def main(argv=None) -> dict:
         p.error(str(e))
     d = dist.setup(cfg.dist)
     try:
-        data = data_mod.build(cfg, d, train=False)
+        try:
+            data = data_mod.build(cfg, d, train=False)
+        except (FileNotFoundError, DataError) as e:  # missing or damaged data: one line naming the file
+            print(f"imnet.evaluate: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
         model = models.from_config(cfg.model, data.info)
         model.load_state_dict(state["model"])
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format

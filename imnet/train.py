@@ -20,6 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from imnet import checkpoint, config, dist, engine, fault, heartbeat, kernels, models, resume, schedule
 from imnet import data as data_mod
+from imnet.data.core import DataError
 from imnet.evaluate import evaluate
 from imnet.log import DONE, Logger, SinkError, Window
 
@@ -298,7 +299,7 @@ def main(argv=None) -> dict:
     d = dist.setup(cfg.dist)
     try:
         result = fit(cfg, d)
-    except (FileNotFoundError, SinkError, config.ConfigError, PeerError, checkpoint.CheckpointError) as e:  # missing data or sink, a refused
+    except (FileNotFoundError, SinkError, config.ConfigError, PeerError, checkpoint.CheckpointError, DataError) as e:  # missing data or sink, a refused
         # resume, a setup only the data or the world reveals (BN on one image per rank), a lost rank: the message
         # says what to do or which rank
         dist.report_error(f"imnet.train: error: {e}")

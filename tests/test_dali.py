@@ -408,3 +408,25 @@ def test_info_only_and_errors(imagenet, tmp_path):
         dali.build(make_cfg(str(tmp_path / "missing")), rank(), "val")
     with pytest.raises(FileNotFoundError, match="imagenet"):
         dali.dali_info(make_cfg(str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_an_undecodable_jpeg_is_named_and_skip_is_refused_at_start(tmp_path, damage):
+    """DALI names a cut JPEG itself but only a batch slot ("nvImageCodec failure: '#3'") for others: either
+    way the error names the file. on_bad_image=skip cannot be honoured inside a DALI batch: refused."""
+    from imnet.data.core import DataError
+
+    root = write_imagenet(tmp_path / "im")
+    bad = os.path.join(root, "train", "n02", "n02_3.JPEG")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 3] if damage == "truncated" else b"\xff\xd8\xff" + bytes(range(256)) * 8)
+    loader = dali.build(make_cfg(root), rank(0, 1), "train")
+    loader.sampler.set_epoch(0, 0)
+    with pytest.raises(DataError) as e:
+        for _ in loader:
+            pass
+    assert str(e.value) == (f"{bad}: DALI cannot decode it (truncated); find every bad file with python -m "
+                            "imnet.data.check ROOT, or train with data.loader=torch data.on_bad_image=skip")
+    with pytest.raises(config.ConfigError, match="data.on_bad_image=skip: the DALI loader cannot replace an "
+                                                 "unreadable image"):
+        make_cfg(root, "data.on_bad_image=skip")

@@ -76,6 +76,7 @@ import torch
 
 from imnet.data import TrainSampler
 from imnet.data import transforms as tf
+from imnet.data.core import DataError
 from imnet.data.datasets import IMAGENET_HELP, DatasetInfo, _mix, _tiny_imagenet_files, build_dataset
 
 NAMES = ("imagenet", "tiny_imagenet")
@@ -206,7 +207,7 @@ class DaliLoader:
                                  last_batch_policy=getattr(LastBatchPolicy, policy), auto_reset=False)
         nb = self.device.type == "cuda"
         try:
-            for k, out in enumerate(it):
+            for k, out in enumerate(_named_errors(it, self, indices)):
                 if k < skip:  # resume: run the epoch's first batches, yield none of them
                     continue
                 x, ids = out[0]["images"], out[0]["ids"].reshape(-1).to(torch.int64).cpu()
@@ -216,6 +217,35 @@ class DaliLoader:
                 yield x, self.labels[ids].to(self.device, non_blocking=nb)
         finally:
             del it, pipe  # frees the pipeline's threads and buffers before the next one is built
+
+
+def _named_errors(it, loader: DaliLoader, indices: list[int]):
+    """`it`'s batches; a pipeline error becomes a DataError naming the file (DALI names it for a cut
+    JPEG, but not for every failure: "nvImageCodec failure: '#3'" is a slot of some batch in flight,
+    so the batches that can be in flight are checked with the same decode as imnet.data.check)."""
+    from imnet.data.check import check_file
+
+    k = 0
+    while True:
+        try:
+            out = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            text = str(e)
+            lo, hi = k * loader.batch, (k + _PREFETCH + 1) * loader.batch
+            named = [loader.files[i] for i in indices if loader.files[i] in text]
+            bad = named or [f for f in (loader.files[i] for i in indices[lo:hi]) if check_file(f)[0]]
+            why = " ".join(line for line in text.splitlines() if "failure" in line or "Failed" in line) or text.splitlines()[0]
+            if bad:
+                problem = check_file(bad[0])[0] or why.strip()
+                raise DataError(f"{bad[0]}: DALI cannot decode it ({problem}); find every bad file with "
+                                "python -m imnet.data.check ROOT, or train with data.loader=torch "
+                                "data.on_bad_image=skip") from e
+            raise DataError(f"DALI failed on one of {hi - lo} files from {loader.files[indices[lo]]} on: "
+                            f"{why.strip()}") from e
+        yield out
+        k += 1
 
 
 def _pipeline(loader: DaliLoader, files: list[str], ids: list[int], seed: int):
