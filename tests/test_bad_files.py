@@ -114,6 +114,40 @@ def test_check_reports_unsorted_val_and_unreadable(tmp_path, capsys):
     assert got[str(tmp_path / "train" / CLASSES[1] / "notes.JPEG")].startswith("unreadable: ")
 
 
+
+def deny(monkeypatch, *paths) -> None:
+    """os.scandir and open raise PermissionError on `paths` (simulated: the tests may run as root)."""
+    denied = {str(p) for p in paths}
+    real_scandir, real_open = os.scandir, open
+
+    def guard(real):
+        def call(path, *args, **kw):
+            if os.fspath(path) in denied:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kw)
+        return call
+
+    monkeypatch.setattr(os, "scandir", guard(real_scandir))  # os.walk lists folders through it too
+    monkeypatch.setattr("builtins.open", guard(real_open))
+
+
+def test_check_reports_unreadable_folders_and_files(tmp_path, capsys, monkeypatch):
+    make_tree(tmp_path, bad=False)
+    cls_dir, val_dir = tmp_path / "train" / CLASSES[1], tmp_path / "val"
+    image = tmp_path / "train" / CLASSES[0] / f"{CLASSES[0]}_1.JPEG"
+    deny(monkeypatch, cls_dir, val_dir, image)
+    assert check.main([str(tmp_path), "--workers", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert findings(out) == {str(cls_dir): "unreadable folder: permission denied",
+                             str(val_dir): "unreadable folder: permission denied",
+                             str(image): "unreadable: permission denied"}
+    assert "checked 3 files in 2 classes: 3 problems" in err
+    root = tmp_path / "train"  # a folder of class folders, itself unreadable
+    deny(monkeypatch, root)
+    assert check.main([str(root), "--workers", "1"]) == 2
+    assert capsys.readouterr().err == f"error: {root}: permission denied\n"
+
+
 # ------------------------------------------------------------------------------ BadImagePolicy
 
 

@@ -15,11 +15,13 @@ Output, stdout, one line per finding, tab separated, in sorted path order:
     PATH<TAB>unreadable: REASON                 not an image, or a decode error other than truncation
     PATH<TAB>mislabeled: PNG named .JPEG        the content's format is not the extension's
     DIR<TAB>empty class: no image files         ImageFolder refuses a class folder without images
+    DIR<TAB>unreadable folder: REASON           it cannot be listed ("permission denied"): its files go unchecked
     DIR<TAB>unsorted: N image files directly in the split folder (sort them with python -m imnet.data.sort_val ...)
     PATH<TAB>note: cmyk JPEG ...                not a problem: PIL decodes it, some GPU JPEG decoders do not
 
 Summary on stderr: `checked N files in M classes: K problems` (M counts distinct class names over the
-splits; notes are not problems). Exit code 1 if K > 0, 0 if none, 2 on a usage error.
+splits; notes are not problems). Exit code 1 if K > 0, 0 if none, 2 on a usage error or a ROOT that
+cannot be listed (`error: ROOT: permission denied`).
 
 `--fix-list OUT.txt` writes the files that decode, one `relative/path label` line each: the DALI
 `readers.file(file_root=SPLIT_FOLDER, file_list=OUT.txt)` format, paths relative to the split
@@ -64,6 +66,11 @@ class Split:
     classes: list[str]
     files: list[tuple[str, int]] = field(default_factory=list)  # (path relative to folder, label)
     loose: int = 0  # image files directly in the split folder (ImageFolder ignores them)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason) that could not be listed
+
+
+def _reason(e: OSError) -> str:
+    return "permission denied" if isinstance(e, PermissionError) else " ".join((e.strerror or str(e)).split())
 
 
 def _subdirs(folder: str) -> list[str]:
@@ -71,11 +78,23 @@ def _subdirs(folder: str) -> list[str]:
 
 
 def _has_images(folder: str) -> bool:
-    return any(e.is_file() and is_image(e.name) for e in os.scandir(folder))
+    try:
+        return any(e.is_file() and is_image(e.name) for e in os.scandir(folder))
+    except OSError:  # unreadable: reported when the split is walked
+        return False
+
+
+def _has_subdirs(folder: str) -> bool:
+    try:
+        return bool(_subdirs(folder))
+    except OSError:  # keep it, so the walk reports it instead of dropping it unseen
+        return True
 
 
 def find_splits(root: str) -> list[Split]:
-    """The split folders under `root` and their class folders; raises FileNotFoundError if none."""
+    """The split folders under `root` and their class folders; raises FileNotFoundError if none and
+    PermissionError if `root` itself cannot be listed. A folder below it that cannot be listed is
+    recorded in its split's `unreadable`, not skipped in silence (os.walk's default)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} is not a folder")
     names = [s for s in _SPLITS if os.path.isdir(os.path.join(root, s))]
@@ -84,21 +103,31 @@ def find_splits(root: str) -> list[Split]:
     elif any(_has_images(os.path.join(root, d)) for d in _subdirs(root)):  # root holds class folders
         pairs = [("", root)]
     else:  # any folder of split folders
-        pairs = [(d, os.path.join(root, d)) for d in _subdirs(root) if _subdirs(os.path.join(root, d))]
+        pairs = [(d, os.path.join(root, d)) for d in _subdirs(root) if _has_subdirs(os.path.join(root, d))]
     if not pairs:
         raise FileNotFoundError(f"no class folders under {root}: expected {root}/train/<class>/*, "
                                 f"{root}/val/<class>/* or {root}/<class>/*")
     splits = []
     for name, folder in pairs:
-        split = Split(name, folder, _subdirs(folder))
-        split.loose = sum(1 for e in os.scandir(folder) if e.is_file() and is_image(e.name))
+        split = Split(name, folder, [])
+        splits.append(split)
+        try:
+            split.classes = _subdirs(folder)
+            split.loose = sum(1 for e in os.scandir(folder) if e.is_file() and is_image(e.name))
+        except OSError as e:
+            split.unreadable.append((folder, _reason(e)))
+            continue
+
+        def unreadable(e: OSError, split: Split = split) -> None:
+            split.unreadable.append((e.filename, _reason(e)))
+
         for label, cls in enumerate(split.classes):
             # ImageFolder's own walk and order: sorted os.walk, sorted file names, symlinks followed.
-            for dirpath, _, fnames in sorted(os.walk(os.path.join(folder, cls), followlinks=True)):
+            walk = os.walk(os.path.join(folder, cls), onerror=unreadable, followlinks=True)
+            for dirpath, _, fnames in sorted(walk):
                 rel = os.path.relpath(dirpath, folder)
                 split.files += [(os.path.join(rel, f).replace(os.sep, "/"), label) for f in sorted(fnames)
                                 if is_image(f)]
-        splits.append(split)
     return splits
 
 
@@ -127,6 +156,8 @@ def check_file(path: str) -> tuple[str | None, str | None, bool]:
             img = Image.open(f)
             fmt, mode = img.format, img.mode
             img.convert("RGB")  # what torchvision's loader does: decodes every byte
+    except PermissionError:
+        return "unreadable: permission denied", None, False
     except Exception as e:  # a checker reports whatever stops the decode (permissions included)
         msg = " ".join(str(e).split())
         if "truncated" in msg.lower() or isinstance(e, EOFError) or _cut_short(path):
@@ -171,18 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # ROOT itself cannot be listed
+        print(f"error: {e.filename or args.root}: {_reason(e)}", file=sys.stderr)
+        return 2
 
     problems = 0
     out = sys.stdout
     for s in splits:  # folder-level findings first
+        for folder, reason in s.unreadable:
+            out.write(f"{folder}\tunreadable folder: {reason}\n")
+            problems += 1
         if s.loose:
             hint = f"python -m imnet.data.sort_val --val-dir {s.folder} --labels LABELS" if s.name == "val" else \
                 "move them into class folders"
             out.write(f"{s.folder}\tunsorted: {s.loose} image files directly in the split folder ({hint})\n")
             problems += 1
         used = {label for _, label in s.files}
+        unlisted = {folder for folder, _ in s.unreadable}  # already reported: not "empty" too
         for label, cls in enumerate(s.classes):
-            if label not in used:
+            if label not in used and os.path.join(s.folder, cls) not in unlisted:
                 out.write(f"{os.path.join(s.folder, cls)}\tempty class: no image files\n")
                 problems += 1
     if len({tuple(s.classes) for s in splits}) > 1:
