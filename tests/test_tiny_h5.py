@@ -113,9 +113,25 @@ def test_tiny_imagenet_errors(tmp_path):
     bad = os.path.join(root, "train", "n01000001", "images", "n01000001_3.JPEG")
     with open(bad, "wb") as fh:
         fh.write(b"not a jpeg")
-    with pytest.raises(OSError) as err:
+    with pytest.raises(DataError) as err:
         build_dataset("tiny_imagenet", root, "train", augment=False)
     assert bad in str(err.value)
+
+
+def test_tiny_imagenet_permission_denied(tmp_path, monkeypatch):
+    root = make_tiny(tmp_path)
+    denied = os.path.join(root, "train", "n02000002", "images")
+    real = os.listdir
+
+    def listdir(path="."):  # simulated: the tests may run as root, which reads anything
+        if os.fspath(path) == denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(DataError) as err:
+        build_dataset("tiny_imagenet", root, "train", augment=False)
+    assert str(err.value) == f"{denied}: permission denied"
 
 
 # ---------------------------------------------------------------------------- old HDF5 layout

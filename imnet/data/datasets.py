@@ -271,8 +271,9 @@ def _read(name: str, root: str, split: str, read: Callable[[], tuple[Any, Any]])
             raise FileNotFoundError(
                 f"dataset {name!r} ({split}) not found: missing {', '.join(missing)}. "
                 f"To download it (needs internet), run: {hint}") from None
-        raise RuntimeError(f"dataset {name!r} ({split}) under {root} could not be read, the files may be "
-                           f"corrupt or partially downloaded: {e}. Delete them and re-download with: {hint}") from e
+        raise DataError(f"dataset {name!r} ({split}) under {root} could not be read, the files may be corrupt or "
+                        f"partially downloaded: {' '.join(str(e).split())}. Delete them and re-download with: {hint}"
+                        ) from e
 
 
 def _in_memory(name: str, images: torch.Tensor, targets: Any, req: _Request,
@@ -441,7 +442,7 @@ def _build_tiny_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
         except PermissionError:  # build_dataset names it as such
             raise
         except OSError as e:  # missing, truncated or not an image (PIL's UnidentifiedImageError is an OSError)
-            raise OSError(f"tiny_imagenet image {path} could not be read: {e}") from e
+            raise DataError(f"tiny_imagenet image {path} could not be read: {' '.join(str(e).split())}") from e
         if pixels.shape != (_TINY_SIZE, _TINY_SIZE, 3):
             raise DataError(f"tiny_imagenet image {path} is {pixels.shape[1]}x{pixels.shape[0]} px, expected "
                              f"{_TINY_SIZE}x{_TINY_SIZE}")
