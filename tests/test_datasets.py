@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import struct
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ class _Py2Pickler(pickle._Pickler):
             self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
         self.memoize(obj)
 
-    dispatch = {**pickle._Pickler.dispatch, str: save_py2_str, bytes: save_py2_str}
+    dispatch: ClassVar[dict] = {**pickle._Pickler.dispatch, str: save_py2_str, bytes: save_py2_str}
 
 
 def dump_py2(obj, fh) -> None:
