@@ -198,6 +198,11 @@ def test_mnist_label_out_of_range(tmp_path):
         build_dataset("mnist", str(tmp_path), "train", augment=False)
     assert str(err.value) == f"{raw}/train-labels-idx1-ubyte: label 200 at index 3 is outside 0..9"
     assert len(build_dataset("mnist", str(tmp_path), "val", augment=False)[0]) == 3  # the other split is fine
+    with open(os.path.join(raw, "train-labels-idx1-ubyte"), "wb") as fh:  # a whole file of another download
+        fh.write(struct.pack(">II", 2049, 5) + bytes(range(5)))
+    with pytest.raises(DataError) as err:
+        build_dataset("mnist", str(tmp_path), "train", augment=False)
+    assert str(err.value) == f"{raw}/train-labels-idx1-ubyte: 5 labels for the 7 images of train-images-idx3-ubyte"
 
 
 # ------------------------------------------------------------------------------------- CIFAR-10

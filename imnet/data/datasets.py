@@ -330,7 +330,11 @@ def _build_mnist_like(name: str, cls: type) -> Callable[[_Request], tuple[Datase
         ds = _read(name, req.root, req.split,
                    lambda: cls(req.root, train=req.split == "train", download=False))
         prefix = "train" if req.split == "train" else "t10k"
-        check_labels(os.path.join(ds.raw_folder, f"{prefix}-labels-idx1-ubyte"), ds.targets.numpy(), 10)
+        labels_path = os.path.join(ds.raw_folder, f"{prefix}-labels-idx1-ubyte")
+        if len(ds.data) != len(ds.targets):  # torchvision reads the two files independently
+            raise DataError(f"{labels_path}: {len(ds.targets)} labels for the {len(ds.data)} images of "
+                            f"{prefix}-images-idx3-ubyte")
+        check_labels(labels_path, ds.targets.numpy(), 10)
         return _in_memory(name, ds.data[:, None].contiguous(), ds.targets, req, 10)
 
     return build
