@@ -333,6 +333,11 @@ def test_svhn_label_out_of_range(tmp_path):
     with pytest.raises(DataError) as err:
         build_dataset("svhn", str(tmp_path), "train", augment=False)
     assert str(err.value) == f"{tmp_path}/train_32x32.mat: label 11 at index 2 is outside 0..9"
+    x = scipy.io.loadmat(tmp_path / "train_32x32.mat")["X"]
+    scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": x, "y": np.array([[1], [2]], dtype=np.uint8)})
+    with pytest.raises(DataError) as err:
+        build_dataset("svhn", str(tmp_path), "train", augment=False)
+    assert str(err.value) == f"{tmp_path}/train_32x32.mat: 2 labels in y for the 4 images in X"
 
 
 # --------------------------------------------------------------------------------------- digits

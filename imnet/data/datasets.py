@@ -349,7 +349,10 @@ def _build_svhn(req: _Request) -> tuple[Dataset, DatasetInfo]:
     split = "train" if req.split == "train" else "test"
     ds = _read("svhn", req.root, req.split, lambda: _SVHN(req.root, split=split))
     images = torch.from_numpy(ds.data).contiguous()  # torchvision already made it (N, C, H, W)
-    check_labels(os.path.join(req.root, ds.filename), ds.labels, 10)  # after 10 -> 0: 1..10 are the digits
+    path = os.path.join(req.root, ds.filename)
+    if len(ds.data) != len(ds.labels):
+        raise DataError(f"{path}: {len(ds.labels)} labels in y for the {len(ds.data)} images in X")
+    check_labels(path, ds.labels, 10)  # after 10 -> 0: 1..10 are the digits
     return _in_memory("svhn", images, torch.from_numpy(ds.labels), req, 10)  # label 10 -> 0 done
 
 
