@@ -18,6 +18,7 @@ from collections.abc import Callable
 from urllib.error import URLError
 
 from torchvision import datasets as tvd
+from torchvision.datasets import utils as tvu
 
 from imnet.data.datasets import IMAGENET_HELP, DOWNLOAD_NAMES
 
@@ -31,7 +32,10 @@ def _fashion(root: str) -> None:
 
 
 def _cifar10(root: str) -> None:
-    tvd.CIFAR10(root, train=True, download=True)  # one tarball holds both splits
+    # the archive only (one tarball holds both splits), md5-checked: tvd.CIFAR10(download=True) would then
+    # read the batches with pickle.load, and imnet reads data pickles only through data/safe_pickle.py
+    if not os.path.isdir(os.path.join(root, tvd.CIFAR10.base_folder)):
+        tvu.download_and_extract_archive(tvd.CIFAR10.url, root, filename=tvd.CIFAR10.filename, md5=tvd.CIFAR10.tgz_md5)
 
 
 def _svhn(root: str) -> None:
