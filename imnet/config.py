@@ -69,6 +69,12 @@ class DataCfg(Section):
     workers: int = Field(0, ge=0)                     # DataLoader worker processes per rank
     image_size: Optional[int] = Field(None, gt=0)     # None: the dataset's native size (224 for imagenet)
     augment: bool = True
+    # random horizontal flip when training. auto: where a mirror keeps the class (CIFAR-10, ImageNet, Tiny
+    # ImageNet: on; digits, MNIST, Fashion, SVHN: off; h5: the file's `hflip` attribute, off without one)
+    hflip: Literal["auto", "on", "off"] = "auto"
+    # px of zero padding around the random crop of the small-image recipe (every set but imagenet, whose
+    # recipe is a random-resized crop); None: 4 px per 32 px of side; 0: no crop jitter
+    crop_pad: Optional[int] = Field(None, ge=0)
     loader: Literal["torch", "dali", "gpu"] = "torch"  # gpu: the whole uint8 set resident on the device
     on_bad_image: Literal["error", "skip"] = "error"  # skip: replace an unreadable image, count and log it
     dali_hw_decoder_load: float = Field(0.65, ge=0, le=1)  # share of JPEGs for the A100/H100 hardware decoder
@@ -199,6 +205,8 @@ class Config(Section):
                 raise ValueError("dist.deepspeed_config: only used by dist.backend=deepspeed")
         elif self.model.compile:
             raise ValueError("model.compile: not supported with dist.backend=deepspeed (use the DDP backends)")
+        if self.data.crop_pad is not None and self.data.name == "imagenet":
+            raise ValueError("data.crop_pad: imagenet trains with a random-resized crop, not a padded crop")
         if self.data.loader == "dali" and self.data.on_bad_image == "skip":
             # DALI decodes a whole batch inside its pipeline: a file that fails stops the pipeline, and there
             # is no slot-for-slot replacement as in the torch loader (same step counts on every rank)

@@ -390,6 +390,18 @@ def test_tiny_imagenet_train_is_the_torch_pad_crop_flip(tiny):
     assert len(shifts) > 3  # offsets and flips vary
 
 
+def test_tiny_imagenet_train_without_flip_and_crop_is_the_plain_image(tiny):
+    """data.hflip=off data.crop_pad=0: DALI's train images are the files' images as the torch loader reads them."""
+    cfg = make_cfg(tiny, "data.hflip=off", "data.crop_pad=0", name="tiny_imagenet")
+    ds, _ = build_dataset("tiny_imagenet", tiny, "train", augment=False)
+    n = 0
+    for x, y, ids in one_pass(dali.build(cfg, rank(), "train")):
+        for img, i in zip(x, ids):
+            assert torch.allclose(img, ds[i][0], atol=1e-4), i
+            n += 1
+    assert n == 12
+
+
 # ------------------------------------------------------------------------------ info and errors
 
 

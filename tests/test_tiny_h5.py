@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import check_determinism, contains, shifted_crops
+from imnet import config
 from imnet.data import convert, h5
 from imnet.data import transforms as tf
 from imnet.data.core import DataError
@@ -526,3 +527,39 @@ def test_h5_empty_lists(tmp_path):
     write_fast(tmp_path / "fast", "val", [0, 1])
     train = write_fast(tmp_path / "fast", "train", np.zeros(0, np.int64))
     assert raised(tmp_path / "fast") == f"{train}: no images (the 'images' dataset is empty)"
+
+
+def test_hflip_follows_the_file_and_a_file_that_does_not_say_is_not_flipped(tmp_path):
+    """data.hflip=auto: the fast layout's `hflip` attribute; the old layout has none, and a flip changes the
+    class of digits and text, so it is not flipped until the user says so (data.hflip=on)."""
+    make_old_folders(tmp_path / "old")
+    assert build_dataset("h5", str(tmp_path / "old"), "train", augment=True)[0].flip is False
+    assert build_dataset("h5", str(tmp_path / "old"), "train", augment=True, hflip="on")[0].flip is True
+    for attr in (True, False):
+        root = tmp_path / f"fast_{attr}"
+        for split in ("train", "val"):
+            write_fast(root, split, [0, 1, 2, 1], hflip=attr)
+        assert build_dataset("h5", str(root), "train", augment=True)[0].flip is attr
+        assert build_dataset("h5", str(root), "train", augment=True, hflip="off")[0].flip is False
+    write_fast(tmp_path / "silent", "train", [0, 1, 2, 1])  # the fast layout without the attribute
+    write_fast(tmp_path / "silent", "val", [0, 1])
+    assert build_dataset("h5", str(tmp_path / "silent"), "train", augment=True)[0].flip is False
+
+
+def test_crop_pad_and_hflip_set_the_small_image_recipe(tmp_path):
+    """crop_pad=0 with no flip: the training image is the plain one; with hflip=on, the plain one or its
+    mirror, both seen; the default pads 4 px per 32 px. crop_pad does not apply to imagenet's recipe."""
+    plain, _ = build_dataset("synthetic", "", "train", augment=False, image_size=16, synthetic_size=8)
+    still, _ = build_dataset("synthetic", "", "train", augment=True, image_size=16, synthetic_size=8, crop_pad=0)
+    mirrored, _ = build_dataset("synthetic", "", "train", augment=True, image_size=16, synthetic_size=8, crop_pad=0,
+                                hflip="on")
+    default, _ = build_dataset("synthetic", "", "train", augment=True, image_size=16, synthetic_size=8)
+    assert (still.pad, still.flip, mirrored.flip, default.pad, default.flip) == (0, False, True, 2, False)
+    for i in range(8):
+        assert all(torch.equal(still[(i, s)][0], plain[i][0]) for s in range(5))
+        outs = [mirrored[(i, s)][0] for s in range(12)]
+        assert all(torch.equal(o, plain[i][0]) or torch.equal(o, plain[i][0].flip(2)) for o in outs)
+        assert any(torch.equal(o, plain[i][0].flip(2)) for o in outs) and any(torch.equal(o, plain[i][0]) for o in outs)
+    with pytest.raises(config.ConfigError, match="data.crop_pad: imagenet trains with a random-resized crop"):
+        config.load(None, ["data.name=imagenet", "data.crop_pad=4"])
+    assert config.load(None, ["data.name=cifar10", "data.crop_pad=0", "data.hflip=off"]).data.crop_pad == 0

@@ -109,7 +109,7 @@ def build(cfg, dist, *, train: bool = True) -> Data:
     if d.loader == "dali":
         return _build_dali(cfg, dist, train)
     kw = dict(image_size=d.image_size, synthetic_classes=d.synthetic_classes,
-              synthetic_channels=d.synthetic_channels, seed=cfg.run.seed)
+              synthetic_channels=d.synthetic_channels, seed=cfg.run.seed, hflip=d.hflip, crop_pad=d.crop_pad)
     val_ds, info = build_dataset(d.name, d.root, "val", augment=False, synthetic_size=max(1, d.synthetic_size // 4), **kw)
     train_ds = None
     if train:

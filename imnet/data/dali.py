@@ -46,13 +46,14 @@ ranks together yield every image exactly once; the last batch may be short.
 Recipes (S = data.image_size, default 224 for imagenet, 64 for tiny_imagenet; mean/std are the
 ImageNet ones x 255 because DALI works on 0..255 pixels):
   imagenet train  decoders.image_random_crop(area 0.08-1, aspect 3/4-4/3, 10 attempts) ->
-                  resize to S x S (linear, antialias) -> coin_flip(0.5) mirror -> normalize
+                  resize to S x S (linear, antialias) -> coin_flip(0.5) mirror (data.hflip) -> normalize
   imagenet val    decode -> resize so the short side is R = round(S * 256 / 224) and the long side
                   int(R * long / short) (torchvision's Resize(R) sizes, computed from the JPEG header)
                   with linear + antialias -> S x S crop at torchvision's CenterCrop offset
                   (round((size - S) / 2), half to even) -> normalize
   tiny train      decode -> resize to S x S (a no-op at 64) -> S x S crop at a random offset in
-                  [-p, p] px with zero fill (p = tf.crop_pad(S), 8 px at 64) -> coin_flip mirror ->
+                  [-p, p] px with zero fill (p = data.crop_pad or tf.crop_pad(S), 8 px at 64) -> coin_flip
+                  mirror (data.hflip) ->
                   normalize: the torch loader's CIFAR-style recipe for tiny_imagenet, not a
                   random-resized-crop, so both loaders train on the same distribution
   tiny val        decode -> resize to S x S (a no-op at 64) -> normalize
@@ -147,6 +148,8 @@ class DaliLoader:
         self.device = dist.device
         self.channels_last = cfg.model.channels_last
         self.augment = d.augment and split == "train"
+        self.flip = d.hflip != "off"  # data.hflip=auto: imagenet and tiny_imagenet flip
+        self.crop_pad = d.crop_pad
         self.hw_decoder_load = d.dali_hw_decoder_load
         self.threads = max(1, d.workers or _DEFAULT_THREADS)
         self.seed, self.rank, self.world = cfg.run.seed, dist.rank, dist.world
@@ -277,7 +280,7 @@ def _pipeline(loader: DaliLoader, files: list[str], ids: list[int], seed: int):
             images = fn.decoders.image_random_crop(jpegs, random_area=[0.08, 1.0],
                                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **decode_kw)
             images = fn.resize(images, size=[S, S], **linear)
-            mirror = fn.random.coin_flip(probability=0.5)
+            mirror = fn.random.coin_flip(probability=0.5) if loader.flip else None
         elif loader.name == "imagenet":
             images = fn.decoders.image(jpegs, **decode_kw)
             # torchvision Resize(R): short side R, long side int(R * long / short), from the header
@@ -294,11 +297,11 @@ def _pipeline(loader: DaliLoader, files: list[str], ids: list[int], seed: int):
             images = fn.decoders.image(jpegs, **decode_kw)
             images = fn.resize(images, size=[S, S], **linear)
             if loader.augment:
-                p = tf.crop_pad(S)
+                p = tf.crop_pad(S) if loader.crop_pad is None else loader.crop_pad
                 offset = fn.random.uniform(values=list(range(-p, p + 1)), shape=[2], dtype=types.INT32)
                 images = fn.slice(images, offset, types.Constant([S, S], dtype=types.INT32), axis_names="HW",
                                   out_of_bounds_policy="pad", fill_values=0)
-                mirror = fn.random.coin_flip(probability=0.5)
+                mirror = fn.random.coin_flip(probability=0.5) if loader.flip else None
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=mean, std=std,
                                           **({"mirror": mirror} if mirror is not None else {}))
         return images, index

@@ -65,8 +65,8 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "tiny_imagenet": (tf.IMAGENET_MEAN, tf.IMAGENET_STD),
 }
 
-# Horizontal flip only where the classes are mirror-symmetric: digits and clothes-with-text are not
-# (a flipped 2 or 7 is not a digit), CIFAR-10 objects are.
+# Horizontal flip (data.hflip=auto) only where the classes are mirror-symmetric: digits and clothes-with-text
+# are not (a flipped 2 or 7 is not a digit), CIFAR-10 objects are.
 _FLIP = {"digits": False, "mnist": False, "fashion": False, "svhn": False, "cifar10": True, "tiny_imagenet": True}
 
 # Name the user passes to `python -m imnet.download --dataset ...` for each downloadable dataset.
@@ -128,7 +128,7 @@ class TensorImageDataset(Dataset):
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: Sequence[float],
-                 std: Sequence[float], *, augment: bool, flip: bool):
+                 std: Sequence[float], *, augment: bool, flip: bool, pad: int | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise TypeError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(targets):
@@ -139,7 +139,7 @@ class TensorImageDataset(Dataset):
         self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         self.augment = augment
-        self.pad = tf.crop_pad(images.shape[-1])  # px of zero padding for the random crop
+        self.pad = tf.crop_pad(images.shape[-1]) if pad is None else pad  # px of zero padding for the random crop
         self.flip = flip
 
     def __len__(self) -> int:
@@ -163,7 +163,7 @@ class SyntheticDataset(Dataset):
     """
 
     def __init__(self, size: int, num_classes: int, channels: int, image_size: int, split: str,
-                 seed: int, *, augment: bool):
+                 seed: int, *, augment: bool, flip: bool = False, pad: int | None = None):
         if size < 1 or num_classes < 1 or channels < 1 or image_size < 1:
             raise ValueError(f"synthetic size, classes, channels and image_size must be >= 1, got "
                              f"{size}, {num_classes}, {channels}, {image_size}")
@@ -173,7 +173,8 @@ class SyntheticDataset(Dataset):
         self.targets = torch.randint(0, num_classes, (size,), generator=labels_gen)
         pattern_gen = tf.generator(_mix(seed, 1 << 41))  # split-independent: shared by train and val
         self.patterns = torch.randn(num_classes, channels, 4, 4, generator=pattern_gen)
-        self.pad = tf.crop_pad(image_size)
+        self.pad = tf.crop_pad(image_size) if pad is None else pad
+        self.flip = flip  # off by default: a mirror would blur the class pattern
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -186,19 +187,19 @@ class SyntheticDataset(Dataset):
         pattern = torch.nn.functional.interpolate(self.patterns[label : label + 1], size=noise.shape[-2:],
                                                   mode="bilinear", align_corners=False)[0]
         img = pattern + noise
-        if self.augment and seed is not None:  # crop jitter only: flipping would blur the class pattern
-            img = tf.random_crop_flip(img, tf.generator(seed), self.pad, flip=False)
+        if self.augment and seed is not None:
+            img = tf.random_crop_flip(img, tf.generator(seed), self.pad, self.flip)
         return img, label
 
 
 class ImageFolderDataset(Dataset):
     """`root/<wnid>/*.JPEG` through torchvision's ImageFolder; PIL transforms under a seeded RNG."""
 
-    def __init__(self, folder: tvd.ImageFolder, size: int, *, augment: bool):
+    def __init__(self, folder: tvd.ImageFolder, size: int, *, augment: bool, flip: bool = True):
         self.folder, self.augment = folder, augment
         self.classes = folder.classes
         self.targets = torch.as_tensor(folder.targets, dtype=torch.int64)
-        self.train_transform = tf.imagenet_transform(size, train=True)
+        self.train_transform = tf.imagenet_transform(size, train=True, flip=flip)
         self.eval_transform = tf.imagenet_transform(size, train=False)  # also for unseeded keys
 
     def __len__(self) -> int:
@@ -281,7 +282,8 @@ def _in_memory(name: str, images: torch.Tensor, targets: Any, req: _Request,
     size = req.image_size or NATIVE_IMAGE_SIZE[name]
     images = tf.resize_uint8(images, size)  # no-op at the native size
     mean, std = _STATS[name]
-    ds = TensorImageDataset(images, torch.as_tensor(targets), mean, std, augment=req.augment, flip=_FLIP[name])
+    ds = TensorImageDataset(images, torch.as_tensor(targets), mean, std, augment=req.augment,
+                            flip=req.flip(_FLIP[name]), pad=req.crop_pad)
     return ds, DatasetInfo(num_classes, images.shape[1], size, mean, std)
 
 
@@ -298,12 +300,18 @@ class _Request:
     synthetic_classes: int
     synthetic_channels: int
     seed: int
+    hflip: str = "auto"             # data.hflip
+    crop_pad: int | None = None     # data.crop_pad
+
+    def flip(self, default: bool) -> bool:
+        """Whether training flips: the dataset's `default` under data.hflip=auto."""
+        return default if self.hflip == "auto" else self.hflip == "on"
 
 
 def _build_synthetic(req: _Request) -> tuple[Dataset, DatasetInfo]:
     size, c = req.image_size or NATIVE_IMAGE_SIZE["synthetic"], req.synthetic_channels
     ds = SyntheticDataset(req.synthetic_size, req.synthetic_classes, c, size, req.split, req.seed,
-                          augment=req.augment)
+                          augment=req.augment, flip=req.flip(False), pad=req.crop_pad)
     return ds, DatasetInfo(req.synthetic_classes, c, size, (0.0,) * c, (1.0,) * c)
 
 
@@ -381,7 +389,7 @@ def _build_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
             raise DataError(f"imagenet class folders differ between {folder} ({len(data.classes)} classes) and "
                              f"{other} ({len(other_classes)} classes): only in the first {only_here}, "
                              f"only in the second {only_there}. {help_}")
-    ds = ImageFolderDataset(data, size, augment=req.augment)
+    ds = ImageFolderDataset(data, size, augment=req.augment, flip=req.flip(True))
     return ds, DatasetInfo(len(data.classes), 3, size, tf.IMAGENET_MEAN, tf.IMAGENET_STD)
 
 
@@ -462,7 +470,8 @@ def _build_tiny_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
 def _build_h5(req: _Request) -> tuple[Dataset, DatasetInfo]:
     from imnet.data import h5  # h5 imports this module
 
-    return h5.build(req.root, req.split, augment=req.augment, image_size=req.image_size)
+    return h5.build(req.root, req.split, augment=req.augment, image_size=req.image_size, hflip=req.hflip,
+                    crop_pad=req.crop_pad)
 
 
 _BUILDERS: dict[str, Callable[[_Request], tuple[Dataset, DatasetInfo]]] = {
@@ -481,15 +490,17 @@ assert tuple(_BUILDERS) == NAMES
 
 def build_dataset(name: str, root: str, split: str, *, augment: bool, image_size: int | None = None,
                   synthetic_size: int = 1024, synthetic_classes: int = 10, synthetic_channels: int = 3,
-                  seed: int = 0) -> tuple[Dataset, DatasetInfo]:
+                  seed: int = 0, hflip: str = "auto", crop_pad: int | None = None) -> tuple[Dataset, DatasetInfo]:
     """Build one split of a dataset; see the module docstring for the key and determinism contract.
 
     name: one of NAMES. root: data folder (unused by synthetic and digits). split: "train" or "val".
     augment: training augmentation, applied only to `(index, sample_seed)` keys. image_size: output
     side in px (resize once at load for in-memory sets, crop size for imagenet); None = native.
     synthetic_*: size (images), classes and channels of the synthetic set. seed: synthetic data
-    seed (digits' split is fixed and ignores it).
+    seed (digits' split is fixed and ignores it). hflip, crop_pad: data.hflip and data.crop_pad.
     """
+    if hflip not in ("auto", "on", "off"):
+        raise ValueError(f"hflip must be auto, on or off, got {hflip!r}")
     if name not in _BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
     if split not in SPLITS:
@@ -497,7 +508,7 @@ def build_dataset(name: str, root: str, split: str, *, augment: bool, image_size
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
     req = _Request(os.fspath(root), split, augment, image_size, synthetic_size, synthetic_classes,
-                   synthetic_channels, seed)
+                   synthetic_channels, seed, hflip, crop_pad)
     if name not in ("synthetic", "digits") and os.path.isfile(req.root):
         raise DataError(f"data.root {req.root} is a file, not a folder: set it to the folder that holds the "
                         f"{name} files")

@@ -7,7 +7,8 @@ Fast layout "imnet-h5-v1" (what `python -m imnet.data.convert` writes), one file
       labels  int64 (N,)
       attrs   format = "imnet-h5-v1"; num_classes (int); mean, std (float64 (C,), 0-1 pixel scale, of the
               TRAIN split: val.h5 carries the same values); hflip (bool: whether a horizontal flip is a
-              valid augmentation); classes (optional, class names in label order)
+              valid augmentation; data.hflip=auto follows it, and a file without it, like every file
+              of the old layout, is not flipped); classes (optional, class names in label order)
 
 One uncompressed image per chunk: a random read is one contiguous read with nothing to decode in the
 DataLoader workers; lzf would save little on natural-image pixels and cost CPU on every read.
@@ -305,14 +306,14 @@ class H5Dataset(Dataset):
     """One image per __getitem__ from an HDF5 reader, with TensorImageDataset's crop/flip/normalize."""
 
     def __init__(self, reader: _Reader, size: int, mean: Sequence[float], std: Sequence[float], *,
-                 augment: bool, flip: bool):
+                 augment: bool, flip: bool, pad: int | None = None):
         self.reader, self.size = reader, size
         self.targets = torch.as_tensor(reader.labels, dtype=torch.int64)
         self.mean, self.std = tuple(mean), tuple(std)
         self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         self.augment, self.flip = augment, flip
-        self.pad = tf.crop_pad(size)  # px of zero padding for the random crop
+        self.pad = tf.crop_pad(size) if pad is None else pad  # px of zero padding for the random crop
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -370,7 +371,8 @@ def _channel_stat(path: str, attrs: dict, key: str, channels: int) -> tuple[floa
     return tuple(float(x) for x in np.broadcast_to(v, (channels,)))
 
 
-def build(root: str, split: str, *, augment: bool, image_size: int | None) -> tuple[Dataset, DatasetInfo]:
+def build(root: str, split: str, *, augment: bool, image_size: int | None, hflip: str = "auto",
+          crop_pad: int | None = None) -> tuple[Dataset, DatasetInfo]:
     """The `h5` dataset: see the module docstring for the layouts and rules."""
     if os.path.isfile(os.path.join(root, "train.h5")):
         paths = {s: os.path.join(root, f"{s}.h5") for s in ("train", "val")}
@@ -411,15 +413,17 @@ def build(root: str, split: str, *, augment: bool, image_size: int | None) -> tu
         mean, std = (_channel_stat(train.path, attrs, k, c) for k in ("mean", "std"))
     else:
         mean, std = stats(train.load(STATS_IMAGES))
-    flip = bool(attrs.get("hflip", True))
+    # data.hflip=auto: the file says whether a mirror keeps the class; a file that does not say (the original
+    # GroupNorm project's layout) is not flipped: a flip changes the class of digits and text
+    flip = bool(attrs.get("hflip", False)) if hflip == "auto" else hflip == "on"
     size = image_size or h
 
     if len(this) * h * w * c < IN_MEMORY_BYTES:
         images = torch.from_numpy(this.load()).permute(0, 3, 1, 2).contiguous()
         ds: Dataset = TensorImageDataset(tf.resize_uint8(images, size), torch.from_numpy(this.labels), mean, std,
-                                         augment=augment, flip=flip)
+                                         augment=augment, flip=flip, pad=crop_pad)
     else:
-        ds = H5Dataset(this, size, mean, std, augment=augment, flip=flip)
+        ds = H5Dataset(this, size, mean, std, augment=augment, flip=flip, pad=crop_pad)
     if "classes" in attrs:
         ds.classes = [str(name) for name in attrs["classes"]]
     return ds, DatasetInfo(num_classes, c, size, mean, std)

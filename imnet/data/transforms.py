@@ -72,14 +72,14 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Te
     return out
 
 
-def imagenet_transform(size: int, train: bool) -> Callable:
+def imagenet_transform(size: int, train: bool, flip: bool = True) -> Callable:
     """The torchvision reference recipe: PIL image -> normalized float32 (3, size, size).
 
-    train: RandomResizedCrop(size) + RandomHorizontalFlip (draw from the global RNG: call it under
-    `seeded_global_rng`). val: Resize(size * 256/224) + CenterCrop(size), no randomness.
+    train: RandomResizedCrop(size) + RandomHorizontalFlip (unless not `flip`; draw from the global RNG:
+    call it under `seeded_global_rng`). val: Resize(size * 256/224) + CenterCrop(size), no randomness.
     """
     if train:
-        geometry: Sequence = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+        geometry: Sequence = [T.RandomResizedCrop(size), *([T.RandomHorizontalFlip()] if flip else [])]
     else:
         geometry = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
     return T.Compose([*geometry, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
