@@ -42,3 +42,13 @@ def test_missing_dataset_says_where_it_looked(tmp_path):
              f"run.out_dir={tmp_path}"], check=False)
     assert p.returncode != 0
     assert "nowhere" in p.stderr and "imnet.download" in p.stderr
+
+
+def test_a_data_error_is_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "not_a_folder"
+    bad.write_text("x")
+    p = run(["python", "-m", "imnet.train", "data.name=cifar10", f"data.root={bad}", f"run.out_dir={tmp_path}"],
+            check=False)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == (f"imnet.train: error: data.root {bad} is a file, not a folder: set it "
+                                                 "to the folder that holds the cifar10 files")
