@@ -100,6 +100,22 @@ def small_run(tmp_path):
     return make
 
 
+def deny(monkeypatch, *paths) -> None:
+    """os.scandir and open raise PermissionError on `paths` (simulated: the tests may run as root)."""
+    denied = {str(p) for p in paths}
+    real_scandir, real_open = os.scandir, open
+
+    def guard(real):
+        def call(path, *args, **kw):
+            if os.fspath(path) in denied:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kw)
+        return call
+
+    monkeypatch.setattr(os, "scandir", guard(real_scandir))  # os.walk lists folders through it too
+    monkeypatch.setattr("builtins.open", guard(real_open))
+
+
 # ------------------------------------------------------------------ augmentation checks (datasets)
 
 def shifted_crops(img: torch.Tensor, pad: int) -> list[torch.Tensor]:

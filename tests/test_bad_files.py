@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import deny
 from imnet.data import check, sort_val
 from imnet.data.bad import BadImagePolicy
 from imnet.data.datasets import build_dataset
@@ -113,22 +114,6 @@ def test_check_reports_unsorted_val_and_unreadable(tmp_path, capsys):
     assert "imnet.data.sort_val" in got[str(tmp_path / "val")]
     assert got[str(tmp_path / "train" / CLASSES[1] / "notes.JPEG")].startswith("unreadable: ")
 
-
-
-def deny(monkeypatch, *paths) -> None:
-    """os.scandir and open raise PermissionError on `paths` (simulated: the tests may run as root)."""
-    denied = {str(p) for p in paths}
-    real_scandir, real_open = os.scandir, open
-
-    def guard(real):
-        def call(path, *args, **kw):
-            if os.fspath(path) in denied:
-                raise PermissionError(13, "Permission denied", os.fspath(path))
-            return real(path, *args, **kw)
-        return call
-
-    monkeypatch.setattr(os, "scandir", guard(real_scandir))  # os.walk lists folders through it too
-    monkeypatch.setattr("builtins.open", guard(real_open))
 
 
 def test_check_reports_unreadable_folders_and_files(tmp_path, capsys, monkeypatch):

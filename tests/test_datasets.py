@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import check_determinism, contains, shifted_crops
+from conftest import check_determinism, contains, deny, shifted_crops
 from imnet.data import transforms as tf
 from imnet.data.core import DataError
 from imnet.data.datasets import NAMES, DatasetInfo, build_dataset
@@ -478,18 +478,7 @@ def test_permission_denied_names_the_path(tmp_path, monkeypatch):
     # Simulated: the tests may run as root, which reads anything.
     make_cifar(tmp_path / "c")
     make_imagenet(tmp_path / "i")
-    denied = {str(tmp_path / "c" / "cifar-10-batches-py" / "data_batch_3"), str(tmp_path / "i" / "train")}
-    real_open, real_scandir = open, os.scandir
-
-    def guard(real):
-        def call(path, *args, **kw):
-            if os.fspath(path) in denied:
-                raise PermissionError(13, "Permission denied", os.fspath(path))
-            return real(path, *args, **kw)
-        return call
-
-    monkeypatch.setattr("builtins.open", guard(real_open))
-    monkeypatch.setattr(os, "scandir", guard(real_scandir))
+    deny(monkeypatch, tmp_path / "c" / "cifar-10-batches-py" / "data_batch_3", tmp_path / "i" / "train")
     for name, root, path in (("cifar10", "c", "c/cifar-10-batches-py/data_batch_3"), ("imagenet", "i", "i/train")):
         with pytest.raises(DataError) as err:
             build_dataset(name, str(tmp_path / root), "train", augment=False)
