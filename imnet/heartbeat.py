@@ -122,10 +122,14 @@ class Heartbeat:
         """For an error a collective raised (a peer closed its connection): the peers on this host whose
         process is gone, else the same diagnosis as the watchdog's."""
         beats = read(self.folder, self.world)
-        dead = [f"rank {r} (host {b['host']}, pid {b['pid']}) is dead (its last report: "
-                f"{PHASES.get(b['phase'], b['phase'])} after {b['step']} finished steps)"
-                for r, b in sorted(beats.items()) if r != self.rank and b["host"] == self.host and not _alive(b["pid"])]
-        return "; ".join(dead) or diagnose(beats, self.world, self.rank, time.time(), self.stale_s)
+        for _ in range(20):  # a killed process closes its sockets a moment before it is gone: up to 2 s
+            dead = [f"rank {r} (host {b['host']}, pid {b['pid']}) is dead (its last report: "
+                    f"{PHASES.get(b['phase'], b['phase'])} after {b['step']} finished steps)"
+                    for r, b in sorted(beats.items()) if r != self.rank and b["host"] == self.host and not _alive(b["pid"])]
+            if dead:
+                return "; ".join(dead)
+            time.sleep(0.1)
+        return diagnose(beats, self.world, self.rank, time.time(), self.stale_s)
 
     def close(self, phase: str = "done") -> None:
         self.at(self.step, phase)

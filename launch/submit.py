@@ -273,7 +273,14 @@ def world_change(tree: dict, a) -> str | None:
 
     from imnet import checkpoint
 
-    path = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), is_main=False).find_resume(resume)
+    warned: list[str] = []  # a damaged checkpoint: the job sets it aside and takes the one before; said here too
+    try:
+        path = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), is_main=False,
+                                       warn=warned.append).find_resume(resume, set_aside=False)
+    except (OSError, checkpoint.CheckpointError) as e:  # ckpt.resume=PATH: the job would stop on it
+        return f"{run_dir} would resume from {resume}, which cannot be used: {e}"
+    for w in warned:
+        print(w, file=sys.stderr)
     if path is None or not os.path.isfile(path):
         return None
     try:  # mmap: only the small entries are read

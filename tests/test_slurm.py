@@ -431,12 +431,18 @@ def test_local_executor_runs_two_ranks_without_slurm(tmp_path, no_slurm, workdir
     for ok in (["--nodes", "2", *CPU_TASKS], ["--tasks-per-node", "2", "--gpus-per-node", "0"],
                [*CPU_TASKS, "ckpt.resume=never"], [*CPU_TASKS, "run.name=other"]):
         assert "#SBATCH --signal=USR2@90\n" in run([*again, *ok, "--dry-run"], env=no_slurm).stdout
-    # a checkpoint that cannot be read would fail the run the same way: said before submitting
+    # a damaged checkpoint: the job would set it aside and take the one before (here none): said before
+    # submitting, and left in place (the check only reads); a damaged ckpt.resume=PATH is refused
     (tmp_path / "bad" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "bad" / "checkpoints" / "ckpt_00000001.pt").write_bytes(b"not a checkpoint")
+    bad = tmp_path / "bad" / "checkpoints" / "ckpt_00000001.pt"
+    bad.write_bytes(b"not a checkpoint")
     p = run([*again, *CPU_TASKS, "run.name=bad", "--dry-run"], env=no_slurm, check=False)
-    assert p.returncode == 2 and (f"error: nothing submitted:\n  {tmp_path}/bad would resume from {tmp_path}/bad/"
-                                  "checkpoints/ckpt_00000001.pt, which cannot be read: ") in p.stderr, p.stderr
+    assert p.returncode == 0 and (f"warning: checkpoint {bad}: unreadable (BadZipFile: File is not a zip file); "
+                                  "trying the one before\n") in p.stderr, p.stderr
+    assert bad.exists()
+    p = run([*again, *CPU_TASKS, "run.name=bad2", f"ckpt.resume={bad}", "--dry-run"], env=no_slurm, check=False)
+    assert p.returncode == 2 and (f"error: nothing submitted:\n  {tmp_path}/bad2 would resume from {bad}, which "
+                                  f"cannot be used: {bad}: unreadable (BadZipFile: File is not a zip file)") in p.stderr, p.stderr
 
 
 def test_dry_run_prints_the_sbatch_script_without_slurm(tmp_path, no_slurm, workdir):
