@@ -163,7 +163,7 @@ class Checkpointer:
         for old in self.saved()[:-self.keep]:
             if old != path:
                 os.unlink(old)
-                _remove(old + SUM)
+                remove_file(old + SUM)
         return path
 
     def set_aside(self, path: str) -> str:
@@ -199,7 +199,8 @@ class Checkpointer:
         return None
 
 
-def _remove(path: str) -> None:
+def remove_file(path: str) -> None:
+    """os.unlink, and nothing if the file is already gone."""
     try:
         os.unlink(path)
     except FileNotFoundError:

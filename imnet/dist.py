@@ -81,6 +81,11 @@ def detect(env: Optional[dict] = None) -> tuple[str, int, int, int]:
     return "single", 0, 1, 0
 
 
+def attempt() -> int:
+    """Which attempt of a torchrun job this is (0, then 1, 2, ... after --max-restarts restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def setup(cfg) -> Dist:
     """Join the process group described by the environment. `cfg` is the config's `dist` section."""
     launcher, rank, world, local_rank = detect()
@@ -108,7 +113,7 @@ def setup(cfg) -> Dist:
             # (static and c10d rendezvous alike). Without a prefix per attempt, a restarted group reads the
             # previous attempt's gloo/NCCL peer addresses and dials dead ports, or hangs. The count is per
             # agent, so this is exact on one node (RELIABILITY.md).
-            store = tdist.PrefixStore(f"imnet/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            store = tdist.PrefixStore(f"imnet/attempt_{attempt()}", store)
             tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                      device_id=device if device.type == "cuda" else None)
     elif deepspeed:

@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         try:
             data = data_mod.build(cfg, d, train=False)
         except (FileNotFoundError, DataError) as e:  # missing or damaged data: one line naming the file
-            print(f"imnet.evaluate: error: {e}", file=sys.stderr, flush=True)
+            dist.report_error(f"imnet.evaluate: error: {e}")
             sys.exit(1)
         model = models.from_config(cfg.model, data.info)
         model.load_state_dict(state["model"])

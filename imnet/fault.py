@@ -9,7 +9,7 @@
     slow_ckpt  stall S seconds (default 20) after the first bytes of step N's checkpoint: a kill lands mid-file
 
 `step` is an optimizer step counted from 1 (the step about to run), or a range `A-B` (inclusive).
-`rank` defaults to 0; `attempt` (torchrun's TORCHELASTIC_RESTART_COUNT) to every attempt.
+`rank` defaults to 0; `attempt` (torchrun's restart count, dist.attempt()) to every attempt.
 
 IMNET_TRACE_SAMPLES=1 makes every rank append the dataset indices of each step it trains to
 `<run folder>/samples/rank<R>.jsonl`: {"attempt", "epoch", "step", "ids"}; tests use it to prove
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from imnet import dist
 
 ENV = "IMNET_FAULT"
 TRACE_ENV = "IMNET_TRACE_SAMPLES"
@@ -86,11 +88,9 @@ def parse(text: str) -> list[Fault]:
 class Injector:
     """The faults that apply to this process (none when IMNET_FAULT is unset)."""
 
-    def __init__(self, rank: int, env: Optional[dict] = None):
-        env = os.environ if env is None else env
-        self.rank = rank
-        self.attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        self.faults = parse(env.get(ENV, ""))
+    def __init__(self, rank: int):
+        self.rank, self.attempt = rank, dist.attempt()
+        self.faults = parse(os.environ.get(ENV, ""))
 
     def _hit(self, kind: str, step: int) -> Optional[Fault]:
         return next((f for f in self.faults if f.kind == kind and f.hits(step, self.rank, self.attempt)), None)
@@ -138,14 +138,13 @@ class _SlowFile:
 class SampleTrace:
     """IMNET_TRACE_SAMPLES=1: this rank's dataset indices of every step, appended as JSON lines."""
 
-    def __init__(self, run_dir: str, rank: int, env: Optional[dict] = None):
-        env = os.environ if env is None else env
+    def __init__(self, run_dir: str, rank: int):
         self.file = None
-        if env.get(TRACE_ENV, "") not in ("", "0"):
+        if os.environ.get(TRACE_ENV, "") not in ("", "0"):
             folder = os.path.join(run_dir, "samples")
             os.makedirs(folder, exist_ok=True)
             self.file = open(os.path.join(folder, f"rank{rank}.jsonl"), "a", buffering=1)
-            self.attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            self.attempt = dist.attempt()
         self.ids: Optional[torch.Tensor] = None
 
     def start_epoch(self, sampler, per_step: int) -> None:
@@ -168,10 +167,9 @@ def _describe(x):
     return None
 
 
-def trace_collectives(run_dir: str, rank: int, env: Optional[dict] = None) -> None:
+def trace_collectives(run_dir: str, rank: int) -> None:
     """IMNET_TRACE_COLLECTIVES=1: wrap torch.distributed's collectives (as imnet calls them) to log each call."""
-    env = os.environ if env is None else env
-    if env.get(COLLECTIVES_ENV, "") in ("", "0"):
+    if os.environ.get(COLLECTIVES_ENV, "") in ("", "0"):
         return
     import torch.distributed as tdist
 

@@ -47,6 +47,14 @@ PHASES = {"start": "starting", "data": "waiting for data", "step": "in a trainin
           "checkpoint": "saving a checkpoint", "eval": "evaluating", "done": "finished"}
 
 
+def _who(r: int, b: dict) -> str:
+    return f"rank {r} (host {b['host']}, pid {b['pid']})"
+
+
+def _doing(b: dict) -> str:
+    return PHASES.get(b["phase"], b["phase"])
+
+
 def diagnose(beats: dict[int, dict], world: int, me: int, now: float, stale_s: float) -> str:
     """One line per rank that others wait for: silent ranks first (stopped, dead, stuck in native
     code), then live ranks that are behind the others or not in a training step."""
@@ -57,16 +65,16 @@ def diagnose(beats: dict[int, dict], world: int, me: int, now: float, stale_s: f
     silent = [r for r, b in sorted(beats.items()) if r != me and now - b["time"] > stale_s]
     for r in silent:
         b = beats[r]
-        lines.append(f"rank {r} (host {b['host']}, pid {b['pid']}) stopped responding {now - b['time']:.0f} s ago "
-                     f"(its last report: {PHASES.get(b['phase'], b['phase'])} after {b['step']} finished steps): "
+        lines.append(f"{_who(r, b)} stopped responding {now - b['time']:.0f} s ago "
+                     f"(its last report: {_doing(b)} after {b['step']} finished steps): "
                      "it is stopped, dead, or stuck outside Python")
     if not lines:
         live = {r: b for r, b in beats.items() if r != me}
         lowest = min((b["step"] for b in live.values()), default=None)
         for r, b in sorted(live.items()):
             if b["step"] == lowest and (b["phase"] != "step" or lowest < beats.get(me, b)["step"]):
-                lines.append(f"rank {r} (host {b['host']}, pid {b['pid']}) has been {PHASES.get(b['phase'], b['phase'])} "
-                             f"for {now - b['since']:.0f} s, after {b['step']} finished steps")
+                lines.append(f"{_who(r, b)} has been {_doing(b)} for {now - b['since']:.0f} s, after {b['step']} "
+                             "finished steps")
     if not lines:
         lines.append("no other rank stands out: every rank is in the same step (a network or collective problem)")
     return "; ".join(lines)
@@ -100,7 +108,7 @@ class Heartbeat:
         rec = {"rank": self.rank, "host": self.host, "pid": self.pid, "step": self.step, "phase": self.phase,
                "since": self.since, "time": time.time()}
         tmp = _path(self.folder, self.rank) + ".tmp"
-        try:
+        try:  # rename, no fsync (unlike checkpoint.atomic_write): advisory, rewritten every period
             with open(tmp, "w") as f:
                 json.dump(rec, f)
             os.replace(tmp, _path(self.folder, self.rank))
@@ -123,8 +131,7 @@ class Heartbeat:
         process is gone, else the same diagnosis as the watchdog's."""
         beats = read(self.folder, self.world)
         for _ in range(20):  # a killed process closes its sockets a moment before it is gone: up to 2 s
-            dead = [f"rank {r} (host {b['host']}, pid {b['pid']}) is dead (its last report: "
-                    f"{PHASES.get(b['phase'], b['phase'])} after {b['step']} finished steps)"
+            dead = [f"{_who(r, b)} is dead (its last report: {_doing(b)} after {b['step']} finished steps)"
                     for r, b in sorted(beats.items()) if r != self.rank and b["host"] == self.host and not _alive(b["pid"])]
             if dead:
                 return "; ".join(dead)

@@ -12,6 +12,7 @@ milestone moves).
 
 from __future__ import annotations
 
+from imnet import schedule
 from imnet.config import ConfigError
 
 # Keys that may change between a run and its resumption without changing what is trained.
@@ -123,8 +124,7 @@ def check(state: dict, path: str, new_tree: dict, *, world: int, shapes: dict[st
     length = {k: v for k, v in changed.items() if k in LENGTH}
     old_total = state.get("total")
     if old_total is None and length:
-        r = o["run"]
-        old_total = steps_per_epoch * r["epochs"] if r["max_steps"] is None else min(r["max_steps"], steps_per_epoch * r["epochs"])
+        old_total = schedule.total_steps(steps_per_epoch, o["run"]["epochs"], o["run"]["max_steps"])
     if length and old_total != total:
         moved = next((s for s in range(step, min(old_total, total)) if lr_at(s, old_total) != lr_at(s, total)), None)
         if moved is not None:

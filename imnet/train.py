@@ -150,7 +150,7 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
     log = Logger(run_dir, d.is_main, cfg.log, total=total, initial=step)
     err = None
     if d.is_main:
-        _remove(os.path.join(run_dir, DONE))  # training on: not done until this attempt ends
+        checkpoint.remove_file(os.path.join(run_dir, DONE))  # training on: not done until this attempt ends
         try:
             log.start(config.to_dict(cfg), {"world": d.world, "launcher": d.launcher, "device": str(d.device),
                                             "global_batch": global_batch, "peak_lr": peak, "steps": total})
@@ -279,13 +279,6 @@ def lost_peer(e: BaseException) -> bool:
     return type(e) is RuntimeError and any(w in text for w in ("gloo", "nccl", "by peer", "connection re"))
 
 
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 @record  # under torchrun: an uncaught error becomes the root cause in torchrun's summary
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="imnet.train", description="Train a model (see README).")
@@ -299,9 +292,9 @@ def main(argv=None) -> dict:
     d = dist.setup(cfg.dist)
     try:
         result = fit(cfg, d)
-    except (FileNotFoundError, SinkError, config.ConfigError, PeerError, checkpoint.CheckpointError, DataError) as e:  # missing data or sink, a refused
-        # resume, a setup only the data or the world reveals (BN on one image per rank), a lost rank: the message
-        # says what to do or which rank
+    # missing data or sink, a refused resume, a damaged checkpoint or data file, a setup only the data or the
+    # world reveals (BN on one image per rank), a lost rank: one line that says what to do or which rank
+    except (FileNotFoundError, SinkError, config.ConfigError, PeerError, checkpoint.CheckpointError, DataError) as e:
         dist.report_error(f"imnet.train: error: {e}")
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C: out at once

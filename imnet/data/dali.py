@@ -237,12 +237,15 @@ def _named_errors(it, loader: DaliLoader, indices: list[int]):
         except RuntimeError as e:
             text = str(e)
             lo, hi = k * loader.batch, (k + _PREFETCH + 1) * loader.batch
-            named = [loader.files[i] for i in indices if loader.files[i] in text]
-            bad = named or [f for f in (loader.files[i] for i in indices[lo:hi]) if check_file(f)[0]]
             why = " ".join(line for line in text.splitlines() if "failure" in line or "Failed" in line) or text.splitlines()[0]
-            if bad:
-                problem = check_file(bad[0])[0] or why.strip()
-                raise DataError(f"{bad[0]}: DALI cannot decode it ({problem}); find every bad file with "
+            named = [loader.files[i] for i in indices if loader.files[i] in text]
+            if named:  # DALI said which file
+                path, problem = named[0], check_file(named[0])[0]
+            else:  # a slot of a batch in flight: the first of their files the checker's decode fails on
+                path, problem = next(((f, p) for f in (loader.files[i] for i in indices[lo:hi])
+                                      if (p := check_file(f)[0])), (None, None))
+            if path is not None:
+                raise DataError(f"{path}: DALI cannot decode it ({problem or why.strip()}); find every bad file with "
                                 "python -m imnet.data.check ROOT, or train with data.loader=torch "
                                 "data.on_bad_image=skip") from e
             raise DataError(f"DALI failed on one of {hi - lo} files from {loader.files[indices[lo]]} on: "
