@@ -16,10 +16,13 @@ class DataError(ValueError):
     """
 
 
-def check_labels(path: str | os.PathLike, labels: Sequence[int] | np.ndarray, num_classes: int) -> None:
-    """DataError naming the first label outside [0, num_classes) and its index in `path`."""
+def check_labels(path: str | os.PathLike, labels: Sequence[int] | np.ndarray, num_classes: int,
+                 ids: Sequence[str] | None = None) -> None:
+    """DataError naming the first label outside [0, num_classes), its index in `path` and, given the
+    samples' `ids`, its sample id."""
     y = np.asarray(labels).reshape(-1)
     bad = np.flatnonzero((y < 0) | (y >= num_classes))
     if len(bad):
         i = int(bad[0])
-        raise DataError(f"{os.fspath(path)}: label {y[i]} at index {i} is outside 0..{num_classes - 1}")
+        sample = f" (sample {ids[i]!r})" if ids is not None else ""
+        raise DataError(f"{os.fspath(path)}: label {y[i]} at index {i}{sample} is outside 0..{num_classes - 1}")

@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import Dataset
 
 from imnet.data import transforms as tf
-from imnet.data.core import DataError
+from imnet.data.core import DataError, check_labels
 from imnet.data.datasets import DatasetInfo, TensorImageDataset, _parse_key
 
 FORMAT = "imnet-h5-v1"
@@ -404,11 +404,7 @@ def build(root: str, split: str, *, augment: bool, image_size: int | None, hflip
     else:
         num_classes = max(max_label + 1, one_hot)
     for r in found:  # both splits: a stated class count is never raised to fit a stray label
-        bad = np.flatnonzero((r.labels < 0) | (r.labels >= num_classes))
-        if len(bad):
-            i = int(bad[0])
-            sample = f" (sample {r.ids[i]!r})" if isinstance(r, _Old) else ""
-            raise DataError(f"{r.path}: label {r.labels[i]} at index {i}{sample} is outside 0..{num_classes - 1}")
+        check_labels(r.path, r.labels, num_classes, ids=r.ids if isinstance(r, _Old) else None)
     if "mean" in attrs and "std" in attrs:
         mean, std = (_channel_stat(train.path, attrs, k, c) for k in ("mean", "std"))
     else:
