@@ -26,6 +26,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from imnet import atomic
+
 POINTER = "latest"
 SUM = ".sha256"     # the sidecar beside each checkpoint: the hex SHA-256 of its bytes
 BAD = ".bad"        # a damaged checkpoint set aside: kept for inspection, never resumed from
@@ -68,32 +70,6 @@ def _os_error(e: BaseException) -> Optional[OSError]:
     return None
 
 
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write, before_rename=None) -> None:
-    """`write(f)` into a temp file beside `path`, fsync, `before_rename(temp path)`, rename to `path`."""
-    folder = os.path.dirname(path) or "."
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(folder)
-
-
 class Checkpointer:
     def __init__(self, folder: str, keep: int = 3, is_main: bool = True, wrap=None, warn=None):
         """`wrap(file, step)`: the file object a checkpoint is written through (fault injection's hook).
@@ -105,7 +81,7 @@ class Checkpointer:
             os.makedirs(folder, exist_ok=True)
             names = set(os.listdir(folder))
             for name in names:
-                stale = name.startswith(".") and ".tmp-" in name  # temp files of a run killed mid-write
+                stale = atomic.is_temp(name)  # temp files of a run killed mid-write
                 orphan = name.endswith(SUM) and name[:-len(SUM)] not in names  # killed before the rename
                 if stale or orphan:
                     os.unlink(os.path.join(folder, name))
@@ -148,11 +124,11 @@ class Checkpointer:
 
         def checksum(tmp: str) -> None:  # the sidecar exists before the checkpoint has its name
             digest = sha256(tmp)
-            atomic_write(path + SUM, lambda f: f.write(digest.encode() + b"\n"))
+            atomic.write(path + SUM, lambda f: f.write(digest.encode() + b"\n"))
 
         try:
-            atomic_write(path, lambda f: torch.save(state, self.wrap(f, step)), before_rename=checksum)
-            atomic_write(os.path.join(self.folder, POINTER), lambda f: f.write(os.path.basename(path).encode()))
+            atomic.write(path, lambda f: torch.save(state, self.wrap(f, step)), before_rename=checksum)
+            atomic.write(os.path.join(self.folder, POINTER), lambda f: f.write(os.path.basename(path).encode()))
         except Exception as e:
             if (err := _os_error(e)) is None:
                 raise

@@ -20,10 +20,9 @@ import shutil
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from imnet import checkpoint
+from imnet import atomic, checkpoint
 from imnet import dist as imdist
 from imnet import norm, resume
 
@@ -230,16 +229,8 @@ def deepspeed_config(cfg, world: int, n_params: int | None = None) -> dict:
 def _fsync_tree(folder: str) -> None:
     for root, _, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            atomic.fsync_path(os.path.join(root, name))
+        atomic.fsync_path(root)
 
 
 class DeepSpeedEngine:
@@ -282,7 +273,7 @@ class DeepSpeedEngine:
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         if run_dir and d.is_main:  # the resolved DeepSpeed JSON, next to config.yaml
             os.makedirs(run_dir, exist_ok=True)
-            checkpoint.atomic_write(os.path.join(run_dir, "deepspeed.json"),
+            atomic.write(os.path.join(run_dir, "deepspeed.json"),
                                     lambda f: f.write(json.dumps(self.ds_config, indent=2).encode()))
 
     def train_step(self, micro_batches: list, lr: float, stop_requested: bool = False) -> StepOut:

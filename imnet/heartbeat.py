@@ -108,7 +108,7 @@ class Heartbeat:
         rec = {"rank": self.rank, "host": self.host, "pid": self.pid, "step": self.step, "phase": self.phase,
                "since": self.since, "time": time.time()}
         tmp = _path(self.folder, self.rank) + ".tmp"
-        try:  # rename, no fsync (unlike checkpoint.atomic_write): advisory, rewritten every period
+        try:  # rename, no fsync (unlike atomic.write): advisory, rewritten every period
             with open(tmp, "w") as f:
                 json.dump(rec, f)
             os.replace(tmp, _path(self.folder, self.rank))

@@ -28,8 +28,7 @@ from typing import Optional
 
 import torch
 
-from imnet import wandb_file
-from imnet.checkpoint import atomic_write
+from imnet import atomic, wandb_file
 
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb_id"   # in the run folder: the W&B run id, made once
@@ -176,7 +175,7 @@ def _run_id(run_dir: str) -> str:
     import secrets
 
     run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
-    atomic_write(path, lambda f: f.write(f"{run_id}\n".encode()))
+    atomic.write(path, lambda f: f.write(f"{run_id}\n".encode()))
     return run_id
 
 
@@ -194,10 +193,7 @@ class Logger:
         # resumed: drop what was logged after the checkpoint, so the file is one trajectory
         # (a fresh start, initial 0, drops everything a dead attempt wrote before its first checkpoint)
         self.records = [r for r in read_metrics(run_dir) if r.get("step", 0) <= initial] if initial else []
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
-        os.replace(tmp, path)
+        atomic.write(path, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in self.records))
         self.file = open(path, "a", buffering=1)  # line-buffered: a killed run loses at most one line
         if lcfg.progress:
             from tqdm import tqdm

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as tdist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from imnet import checkpoint, config, dist, engine, fault, heartbeat, kernels, models, resume, schedule
+from imnet import atomic, checkpoint, config, dist, engine, fault, heartbeat, kernels, models, resume, schedule
 from imnet import data as data_mod
 from imnet.data.core import DataError
 from imnet.evaluate import evaluate
@@ -262,7 +262,7 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
                   f"{ckpt.latest()} is the newest")
     if d.is_main:
         done = json.dumps({"step": step, **result}) + "\n"
-        checkpoint.atomic_write(os.path.join(run_dir, DONE), lambda f: f.write(done.encode()))
+        atomic.write(os.path.join(run_dir, DONE), lambda f: f.write(done.encode()))
     result["notes"] = log.close()
     return result
 
