@@ -17,6 +17,9 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imnet import arch
+from imnet.arch import Arch
+
 # a newline would end a line of a batch script or a log line; no name needs any of these
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -85,7 +88,7 @@ class DataCfg(Section):
 
 
 class ModelCfg(Section):
-    arch: Literal["small", "resnet18", "resnet50", "resnet20", "resnet56"] = "small"
+    arch: Arch = "small"
     norm: Literal["bn", "syncbn", "gn", "ln", "in", "none"] = "gn"
     gn_groups: int = Field(32, gt=0)
     gn_channels_per_group: Optional[int] = Field(None, gt=0)  # wins over gn_groups when set
@@ -174,29 +177,28 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        from imnet import models, norm  # late import: config must stay importable on its own
-
         m = self.model
         if m.norm in ("gn",):
-            size = self.data.image_size or 224
-            for c in sorted(models.norm_channels(m.arch, size)):
+            for c in sorted(arch.norm_channels(m.arch)):
                 try:
-                    norm.num_groups(c, m.gn_groups, m.gn_channels_per_group)
+                    arch.num_groups(c, m.gn_groups, m.gn_channels_per_group)
                 except ValueError as e:
                     key = "model.gn_channels_per_group" if m.gn_channels_per_group else "model.gn_groups"
                     raise ValueError(f"{key}: {e} (arch {m.arch} has norms with {c} channels)") from None
         size = image_size(self.data)
         if size is not None:  # h5 without data.image_size, and syncbn's world: checked at models.from_config
-            models.check_batch_stats(m.arch, m.norm, size, self.data.batch_size)
+            arch.check_batch_stats(m.arch, m.norm, size, self.data.batch_size)
         for ms in self.optim.milestones:
             if not 0 < ms < self.run.epochs:
-                raise ValueError(f"optim.milestones: milestone {ms} is outside the run (0, run.epochs={self.run.epochs})")
+                raise ValueError(f"optim.milestones: milestone {ms} is outside the run "
+                                 f"(0, run.epochs={self.run.epochs})")
         if list(self.optim.milestones) != sorted(self.optim.milestones):
             raise ValueError(f"optim.milestones: must be increasing, got {list(self.optim.milestones)}")
         if self.optim.milestones and self.optim.schedule != "step":
             raise ValueError("optim.milestones: only used by optim.schedule=step")
         if self.optim.warmup_epochs >= self.run.epochs:
-            raise ValueError(f"optim.warmup_epochs: {self.optim.warmup_epochs} is not shorter than run.epochs={self.run.epochs}")
+            raise ValueError(f"optim.warmup_epochs: {self.optim.warmup_epochs} is not shorter than "
+                             f"run.epochs={self.run.epochs}")
         ds = self.dist
         if ds.backend != "deepspeed":  # DeepSpeed-only keys set for DDP would be silently ignored
             if ds.zero_stage:
@@ -210,8 +212,9 @@ class Config(Section):
         if self.data.loader == "dali" and self.data.on_bad_image == "skip":
             # DALI decodes a whole batch inside its pipeline: a file that fails stops the pipeline, and there
             # is no slot-for-slot replacement as in the torch loader (same step counts on every rank)
-            raise ValueError("data.on_bad_image=skip: the DALI loader cannot replace an unreadable image; find the bad "
-                             "files with python -m imnet.data.check ROOT and fix or remove them, or use data.loader=torch")
+            raise ValueError("data.on_bad_image=skip: the DALI loader cannot replace an unreadable image; find the "
+                             "bad files with python -m imnet.data.check ROOT and fix or remove them, or use "
+                             "data.loader=torch")
         r = self.ckpt.resume
         if r not in ("auto", "never") and not os.path.isfile(r):
             raise ValueError(f"ckpt.resume: {r!r} is neither auto, never nor an existing checkpoint file")
@@ -411,4 +414,5 @@ def to_yaml(cfg: Config) -> str:
 
 def add_cli(parser) -> None:
     parser.add_argument("--config", help="YAML config file (only what differs from the defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. optim.base_lr=0.2")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="dotted overrides, e.g. optim.base_lr=0.2")

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from imnet import kernels
+from imnet.arch import num_groups  # torch-free, for config validation; norm.num_groups to callers
 
 NAMES = ("bn", "syncbn", "gn", "ln", "in", "none")
 
@@ -71,25 +72,6 @@ def _group_norm(groups: int, channels: int, eps: float, impl: str) -> nn.Module:
     """The seam: gn, ln and in all come through here."""
     _check_impl(impl)
     return _GROUP_NORM_IMPLS[impl](groups, channels, eps)
-
-
-def num_groups(channels: int, groups: int | None = 32, channels_per_group: int | None = None) -> int:
-    """Number of GroupNorm groups for `channels`; channels_per_group, when given, wins over groups."""
-    if channels_per_group is not None:
-        if channels_per_group <= 0 or channels % channels_per_group:
-            raise ValueError(
-                f"GroupNorm: {channels} channels cannot be split into groups of "
-                f"{channels_per_group} channels (channels_per_group must divide channels)"
-            )
-        return channels // channels_per_group
-    if groups is None:
-        raise ValueError("GroupNorm needs groups or channels_per_group (both are None)")
-    if groups <= 0 or channels % groups:
-        raise ValueError(
-            f"GroupNorm: {channels} channels cannot be split into {groups} groups "
-            f"(groups must divide channels)"
-        )
-    return groups
 
 
 # ---------------------------------------------------------------------------------------------

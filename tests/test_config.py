@@ -1,6 +1,8 @@
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -123,6 +125,18 @@ def test_r50_configs_carry_the_papers_recipe(norm):
     assert cfg.model.zero_init_last is True
     assert cfg.model.gn_groups == 32 and cfg.model.gn_channels_per_group is None
     assert cfg.optim.label_smoothing == 0
+
+
+def test_validation_builds_no_model():
+    """Checking GN groups and BatchNorm at one image reads imnet.arch's tables: neither torch nor imnet.models
+    is imported, in a fresh interpreter."""
+    code = ("import sys; from imnet import config; "
+            "config.load(None, ['model.arch=resnet50', 'model.norm=bn', 'data.batch_size=1']); "
+            "config.load(None, ['model.arch=resnet20', 'model.gn_channels_per_group=16']); "
+            "print(sorted(m for m in ('torch', 'imnet.models', 'imnet.norm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # --- 1 image per rank ------------------------------------------------------------------------

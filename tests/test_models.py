@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from imnet import arch as arch_table
 from imnet import models, norm
 from imnet.models.resnet import last_norm
 from imnet.norm import SyncBatchNorm2d
-
 
 # gn with 8 groups divides every width of every arch (16 ... 2048); syncbn is BN without a group.
 NORMS = {"bn": {}, "syncbn": {}, "gn": {"groups": 8}, "ln": {}, "in": {}, "none": {}}
@@ -145,6 +145,27 @@ def test_norm_channels():
     for arch in models.ARCHS:
         widths = {m.num_channels for m in _norms(_meta_build(arch, "gn"))}
         assert widths == models.norm_channels(arch, 32)
+
+
+# image sizes around each stem switch (64/65 px), the small net's limit (16 px), odd and tiny ones
+TABLE_SIZES = (1, 2, 4, 5, 8, 9, 15, 16, 17, 28, 32, 33, 63, 64, 65, 66, 96, 224, 225)
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_the_arithmetic_tables_are_the_real_models(arch):
+    """imnet.arch (config validation, check_batch_stats) agrees with the built model and its meta pass."""
+    assert arch_table.ARCHS == models.ARCHS
+    assert arch_table.norm_channels(arch) == models.norm_channels(arch, 224) == models.norm_channels(arch, 32)
+    for size in TABLE_SIZES:
+        try:
+            want = models.norm_maps(arch, size), models.pooled_norms(arch, size)
+        except ValueError as e:
+            for table in (arch_table.norm_maps, arch_table.pooled_norms):
+                with pytest.raises(ValueError) as got:
+                    table(arch, size)
+                assert str(got.value) == str(e)
+            continue
+        assert (arch_table.norm_maps(arch, size), arch_table.pooled_norms(arch, size)) == want, size
 
 
 def test_gn_groups_must_divide_every_width():

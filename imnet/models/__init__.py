@@ -1,19 +1,21 @@
-"""Model zoo: build(arch, ...) with every norm layer created by imnet.norm.make."""
+"""Model zoo: build(arch, ...) with every norm layer created by imnet.norm.make.
+
+norm_channels, norm_maps and pooled_norms read the real model (built, or run once on the meta device);
+imnet.arch computes the same tables by arithmetic for config validation and check_batch_stats, and
+tests/test_models.py checks that the two agree."""
 
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 from torch import nn
 
 from imnet import config
 from imnet import norm as norms
+from imnet.arch import ARCHS, check_batch_stats
 from imnet.models.resnet import norm_shapes, resnet
 from imnet.models.small import CifarResNet, SmallNet
-
-ARCHS = ("small", "resnet18", "resnet50", "resnet20", "resnet56")
 
 
 def build(arch: str, *, num_classes: int, in_channels: int = 3, image_size: int = 224,
@@ -49,7 +51,7 @@ def norm_channels(arch: str, image_size: int = 224) -> set[int]:
 
 @functools.cache
 def _meta_pass(arch: str, image_size: int) -> tuple[tuple[tuple[str, int, int, int], ...], frozenset[str]]:
-    # One forward pass on the meta device (shapes only; about 70 ms for ResNet-50 at 224): every norm's
+    # One forward pass on the meta device (shapes only, no compute): every norm's
     # input shape, and the norms whose output is the global average pool's input itself. in_channels
     # stays 3: it changes conv1's weights, never the size of a map.
     with torch.device("meta"):
@@ -89,50 +91,6 @@ def pooled_norms(arch: str, image_size: int) -> set[str]:
     """Module paths of the norm layers whose output goes straight into the global average pool
     (the small net's last norm; none in the ResNets, where the add and a ReLU come between)."""
     return set(_meta(arch, image_size)[1])
-
-
-def _either(ways: list[str]) -> str:
-    return ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])}{',' if len(ways) > 2 else ''} or {ways[-1]}"
-
-
-def check_batch_stats(arch: str, norm: str, image_size: int, batch_size: int, world: int | None = None) -> None:
-    """Refuse (ValueError naming the layer and the ways out) a BatchNorm whose statistics come from
-    one image (1 image per rank with bn, or with syncbn on 1 rank) where that cannot train:
-
-    - a norm layer straight before the global average pool: normalized over the very H x W values
-      the pool averages, its pooled output is its beta whatever the image, so the head sees the
-      same features for every image and no layer before it gets a gradient (at any image size);
-    - a norm layer whose input map is 1x1: one value per channel, which torch's BatchNorm refuses
-      at the first training step.
-
-    bn's statistics are per rank; syncbn's span the ranks (batch_size x world images), so syncbn is
-    judged only where `world` is known (None, at config time: it passes). Other maps train at 1
-    image (BN then normalizes each image on its own over H x W, much as IN does); eval mode, gn,
-    ln, in and none are not affected.
-    """
-    if norm not in ("bn", "syncbn") or batch_size > 1 or (norm == "syncbn" and (world is None or world > 1)):
-        return
-    maps, pooled = _meta(arch, image_size)
-    cls = "BatchNorm2d" if norm == "bn" else "SyncBatchNorm2d"
-    setup, ways = (("model.norm=bn", ["model.norm=gn (or syncbn on 2+ ranks)"]) if norm == "bn" else
-                   ("model.norm=syncbn on 1 rank", ["model.norm=gn", "syncbn on 2+ ranks"]))
-    ways.append("data.batch_size >= 2")
-    head = f"data.batch_size: 1 image per rank with {setup}: layer"
-    for name, c, _, _ in maps:
-        if name in pooled:
-            raise ValueError(f"{head} {name} ({cls}({c})) feeds the global average pool, which then returns "
-                             f"its beta whatever the image (one image's map normalized over H x W averages "
-                             f"to 0), so no layer before it can learn; use {_either(ways)}")
-    ones = [(name, c) for name, c, h, w in maps if h * w == 1]
-    if not ones:
-        return
-    name, c = ones[0]
-    see = "sees" if len(ones) == 1 else f"and {len(ones) - 1} later norm layers see"
-    size = next(s for s in itertools.count(image_size + 1)
-                if all(h * w > 1 for _, _, h, w in norm_maps(arch, s)))  # the smallest size that trains
-    raise ValueError(f"{head} {name} ({cls}({c})) {see} a 1x1 map at {image_size}x{image_size} px input, one "
-                     f"value per channel, which BatchNorm cannot train on; use "
-                     f"{_either(ways + [f'data.image_size >= {size}'])}")
 
 
 def norm_kwargs(mcfg) -> dict:
