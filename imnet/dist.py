@@ -12,13 +12,14 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as tdist
 from torch.distributed.rendezvous import rendezvous
-
 
 # Exit status of a run stopped by a signal after writing its checkpoint: run the same command again to
 # resume. 75 is EX_TEMPFAIL ("temporary failure, retry"); slurm/train.sbatch requeues on it, and a Slurm
@@ -45,7 +46,26 @@ class Dist:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm's compressed host list -> host names: "gpu[01-03,7],cpu1" -> gpu01 gpu02 gpu03 gpu7 cpu1."""
+    """Slurm's compressed host list -> host names: "gpu[01-03,7],cpu1" -> gpu01 gpu02 gpu03 gpu7 cpu1.
+
+    Slurm's own `scontrol show hostnames` where it runs (a Slurm node: scontrol on PATH, with its
+    config); parse_nodelist where it does not (no Slurm installed, or scontrol without a slurm.conf)."""
+    if not nodelist:
+        return []  # scontrol would expand $SLURM_JOB_NODELIST instead
+    if shutil.which("scontrol"):
+        try:
+            p = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               timeout=30)
+            if p.returncode == 0 and p.stdout.split():
+                return p.stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return parse_nodelist(nodelist)
+
+
+def parse_nodelist(nodelist: str) -> list[str]:
+    """expand_nodelist without Slurm: prefix[ranges] items, zero padding kept ([01-03] -> 01 02 03).
+    Kept for processes started without Slurm's tools at hand (torchrun, submitit's local executor, tests)."""
     hosts: list[str] = []
     for m in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?(?:,|$)", nodelist):
         prefix, ranges = m.group(1), m.group(2)

@@ -1,16 +1,49 @@
+import shutil
+
 import pytest
 
-from imnet.dist import detect, expand_nodelist
+from imnet import dist
+from imnet.dist import detect, expand_nodelist, parse_nodelist
 
-
-@pytest.mark.parametrize("s,hosts", [
+# the hostlist forms Slurm documents (ranges, lists of ranges, zero padding, several prefixes)
+NODELISTS = [
     ("node1", ["node1"]),
     ("gpu[01-03,7],cpu1", ["gpu01", "gpu02", "gpu03", "gpu7", "cpu1"]),
     ("a[9-11]", ["a9", "a10", "a11"]),
     ("n1,n2", ["n1", "n2"]),
-])
-def test_expand_nodelist(s, hosts):
+    ("node[1-3,5],gpu-[01-02]", ["node1", "node2", "node3", "node5", "gpu-01", "gpu-02"]),
+    ("tux[1,3-5]", ["tux1", "tux3", "tux4", "tux5"]),
+    ("lx[008-011]", ["lx008", "lx009", "lx010", "lx011"]),
+]
+
+
+@pytest.mark.parametrize("s,hosts", NODELISTS)
+def test_parse_nodelist(s, hosts):
+    assert parse_nodelist(s) == hosts
+
+
+@pytest.mark.parametrize("s,hosts", NODELISTS)
+def test_expand_nodelist_without_scontrol_parses(s, hosts, monkeypatch):
+    """torchrun or submitit's local executor on a machine without Slurm: the own parser."""
+    monkeypatch.setenv("PATH", "")
     assert expand_nodelist(s) == hosts
+
+
+@pytest.mark.skipif(not shutil.which("scontrol"), reason="no scontrol on PATH (slurm/local/install.sh installs it)")
+def test_expand_nodelist_asks_scontrol_on_a_slurm_node(tmp_path, monkeypatch):
+    """scontrol show hostnames needs only a slurm.conf (no daemon): the answers are Slurm's own."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=imnet-test\nSlurmctldHost=localhost\nNodeName=n1 CPUs=1\nPartitionName=p Nodes=n1\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    monkeypatch.setattr(dist, "parse_nodelist", lambda s: pytest.fail(f"parsed {s!r} instead of asking scontrol"))
+    for s, hosts in NODELISTS:
+        assert expand_nodelist(s) == hosts
+    assert expand_nodelist("") == []
+
+
+def test_expand_nodelist_falls_back_where_scontrol_has_no_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "missing.conf"))
+    assert expand_nodelist("gpu[01-02]") == ["gpu01", "gpu02"]
 
 
 def test_detect_torchrun():
