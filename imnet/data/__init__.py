@@ -3,9 +3,13 @@
 Every loader yields `(images, labels)` already on the device, in the memory format the model wants,
 labels int64, so the training loop never knows which dataset it has.
 
-Determinism: the train sampler draws the permutation and one augmentation seed per sample from a
-generator seeded with (seed, epoch). A sample's augmentation depends only on that seed, never on
-which worker process made it, so a run resumed mid-epoch sees exactly the batches it would have.
+Determinism: the train sampler (imnet.data.samplers) draws the permutation and one augmentation seed
+per sample from a generator seeded with (seed, epoch). A sample's augmentation depends only on that
+seed, never on which worker process made it, so a run resumed mid-epoch sees exactly the batches it
+would have.
+
+This module is the package's face: modules inside imnet.data import the leaf modules (core,
+memory, samplers, transforms), never this one.
 """
 
 from __future__ import annotations
@@ -13,61 +17,15 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from imnet.data.bad import BadImagePolicy
-from imnet.data.datasets import DatasetInfo, build_dataset
-
-
-class TrainSampler(Sampler):
-    """Shuffled, sharded, equal-length per rank, resumable at any batch.
-
-    Each epoch the global permutation is cut to a multiple of world * batch (the tail changes every
-    epoch, so no image is dropped for good), and rank r takes every world-th index from r on. Yields
-    `(index, sample_seed)` pairs.
-    """
-
-    def __init__(self, n: int, rank: int, world: int, batch: int, seed: int):
-        self.n, self.rank, self.world, self.batch, self.seed = n, rank, world, batch, seed
-        self.batches = n // (world * batch)  # per rank, per epoch
-        if self.batches == 0:
-            raise ValueError(f"data.batch_size: {batch} x {world} ranks is more than the {n} training images")
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start = epoch, start_batch
-
-    def __len__(self) -> int:
-        return (self.batches - self.start) * self.batch
-
-    def epoch_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (indices, augmentation seeds) for the rest of the epoch, as int64 tensors."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
-        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
-        used = self.batches * self.batch * self.world
-        mine = torch.arange(self.rank, used, self.world)[self.start * self.batch:]
-        return perm[mine], seeds[mine]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        idx, seeds = self.epoch_indices()
-        return iter(zip(idx.tolist(), seeds.tolist()))
-
-
-class ValSampler(Sampler):
-    """Rank r gets indices r, r+world, ...: every image exactly once over all ranks, no padding."""
-
-    def __init__(self, n: int, rank: int, world: int):
-        self.indices = list(range(rank, n, world))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
+from imnet.data.core import DatasetInfo
+from imnet.data.datasets import build_dataset
+from imnet.data.samplers import TrainSampler, ValSampler
 
 
 class DeviceLoader:
@@ -110,7 +68,8 @@ def build(cfg, dist, *, train: bool = True) -> Data:
         return _build_dali(cfg, dist, train)
     kw = dict(image_size=d.image_size, synthetic_classes=d.synthetic_classes,
               synthetic_channels=d.synthetic_channels, seed=cfg.run.seed, hflip=d.hflip, crop_pad=d.crop_pad)
-    val_ds, info = build_dataset(d.name, d.root, "val", augment=False, synthetic_size=max(1, d.synthetic_size // 4), **kw)
+    val_ds, info = build_dataset(d.name, d.root, "val", augment=False, synthetic_size=max(1, d.synthetic_size // 4),
+                                 **kw)
     train_ds = None
     if train:
         train_ds, _ = build_dataset(d.name, d.root, "train", augment=d.augment, synthetic_size=d.synthetic_size, **kw)

@@ -35,7 +35,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from imnet.data.datasets import _parse_key
+from imnet.data.core import parse_key
 
 POLICIES = ("error", "skip")
 
@@ -101,7 +101,7 @@ class BadImagePolicy(Dataset):
         return f"index {index}"
 
     def __getitem__(self, key: Any) -> Any:
-        index, seed = _parse_key(key, len(self.ds))
+        index, seed = parse_key(key, len(self.ds))
         with_seed = isinstance(key, (tuple, list))
         first_error: BaseException | None = None
         for step in range(self.max_tries + 1 if self.policy == "skip" else 1):

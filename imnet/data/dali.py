@@ -15,7 +15,7 @@ NCHW, or channels-last memory format of the same NCHW-shaped tensor when `model.
 
 Files and labels: the same files in the same order with the same labels as the torch loader (the
 imagenet list comes from torchvision's ImageFolder via `build_dataset`, labels = sorted class folder
-index; tiny_imagenet from `datasets._tiny_imagenet_files`, labels = wnids.txt line). The reader gets
+index; tiny_imagenet from `datasets.tiny_imagenet_files`, labels = wnids.txt line). The reader gets
 an explicit `files` list and, as its "label", each file's index in that list; the class label is
 looked up in Python, so every batch also tells which files it holds (`loader.last_indices`).
 
@@ -75,10 +75,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from imnet.data import TrainSampler
 from imnet.data import transforms as tf
-from imnet.data.core import DataError
-from imnet.data.datasets import IMAGENET_HELP, DatasetInfo, _mix, _tiny_imagenet_files, build_dataset
+from imnet.data.core import DataError, DatasetInfo, derive_seed
+from imnet.data.datasets import IMAGENET_HELP, build_dataset, tiny_imagenet_files
+from imnet.data.samplers import TrainSampler
 
 NAMES = ("imagenet", "tiny_imagenet")
 _NATIVE = {"imagenet": 224, "tiny_imagenet": 64}  # default S (px) when data.image_size is unset
@@ -115,7 +115,7 @@ def dali_info(cfg) -> DatasetInfo:
     else:
         path = os.path.join(d.root, "wnids.txt")
         if not os.path.isfile(path):
-            _tiny_imagenet_files(d.root, "train")  # raises its FileNotFoundError with the layout help
+            tiny_imagenet_files(d.root, "train")  # raises its FileNotFoundError with the layout help
         with open(path, encoding="utf-8") as fh:
             n = sum(1 for line in fh if line.strip())
     return DatasetInfo(n, 3, image_size(cfg), tf.IMAGENET_MEAN, tf.IMAGENET_STD)
@@ -128,7 +128,7 @@ def list_files(name: str, root: str, split: str) -> tuple[list[str], list[int]]:
         ds, _ = build_dataset("imagenet", root, split, augment=False)  # scans, checks train/val classes
         samples = ds.folder.samples
     else:
-        _, samples = _tiny_imagenet_files(root, split)
+        _, samples = tiny_imagenet_files(root, split)
     return [p for p, _ in samples], [int(y) for _, y in samples]
 
 
@@ -192,7 +192,7 @@ class DaliLoader:
             epoch, skip = self.sampler.epoch, self.sampler.start
             self.sampler.set_epoch(epoch + 1)  # iterating again without set_epoch: the next epoch
             indices = self.epoch_indices(epoch)
-            seed = _mix(self.seed, epoch, self.rank) & _SEED_MASK
+            seed = derive_seed(self.seed, epoch, self.rank) & _SEED_MASK
             policy = "DROP"
         else:
             indices, skip, seed, policy = self.mine, 0, 0, "PARTIAL"
@@ -237,7 +237,8 @@ def _named_errors(it, loader: DaliLoader, indices: list[int]):
         except RuntimeError as e:
             text = str(e)
             lo, hi = k * loader.batch, (k + _PREFETCH + 1) * loader.batch
-            why = " ".join(line for line in text.splitlines() if "failure" in line or "Failed" in line) or text.splitlines()[0]
+            why = (" ".join(line for line in text.splitlines() if "failure" in line or "Failed" in line)
+                   or text.splitlines()[0])
             named = [loader.files[i] for i in indices if loader.files[i] in text]
             if named:  # DALI said which file
                 path, problem = named[0], check_file(named[0])[0]
@@ -257,13 +258,15 @@ def _named_errors(it, loader: DaliLoader, indices: list[int]):
 def _pipeline(loader: DaliLoader, files: list[str], ids: list[int], seed: int):
     """One pass over `files` (read in order; the reader's label is the file index)."""
     try:
-        from nvidia.dali import fn, pipeline_def, types
         import nvidia.dali.math as dmath
+        from nvidia.dali import fn, pipeline_def, types
     except ImportError as e:
         raise RuntimeError("data.loader=dali needs NVIDIA DALI: pip install -e \".[dali]\" "
                            f"(nvidia-dali-cuda120); import failed: {e}") from None
     gpu = loader.device.type == "cuda"
-    device_id = (loader.device.index if loader.device.index is not None else torch.cuda.current_device()) if gpu else None
+    device_id = None
+    if gpu:
+        device_id = loader.device.index if loader.device.index is not None else torch.cuda.current_device()
     S = loader.size
     mean = [255 * m for m in tf.IMAGENET_MEAN]  # DALI normalizes 0..255 pixels
     std = [255 * s for s in tf.IMAGENET_STD]
@@ -294,8 +297,8 @@ def _pipeline(loader: DaliLoader, files: list[str], ids: list[int], seed: int):
             rh, rw = (R * h) // short, (R * w) // short
             images = fn.resize(images, resize_y=fn.cast(rh, dtype=types.FLOAT),
                                resize_x=fn.cast(rw, dtype=types.FLOAT), **linear)
-            images = fn.slice(images, fn.stack(_center(rh, S), _center(rw, S)), types.Constant([S, S], dtype=types.INT32),
-                              axis_names="HW")
+            images = fn.slice(images, fn.stack(_center(rh, S), _center(rw, S)),
+                              types.Constant([S, S], dtype=types.INT32), axis_names="HW")
         else:  # tiny_imagenet: the torch loader's in-memory recipe
             images = fn.decoders.image(jpegs, **decode_kw)
             images = fn.resize(images, size=[S, S], **linear)

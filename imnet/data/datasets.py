@@ -10,7 +10,7 @@ the process, the worker count or the caller's global RNG (which is left untouche
 lets the trainer resume mid-epoch exactly.
 
 Small datasets (digits, mnist, fashion, cifar10, svhn, tiny_imagenet, small h5 files) live in memory
-as one uint8 (N, C, H, W) tensor and are augmented as tensors; ImageNet is read from JPEG folders
+as one uint8 (N, C, H, W) tensor (imnet.data.memory) and are augmented as tensors; ImageNet is read from JPEG folders
 through PIL. MNIST, Fashion and SVHN files are read with torchvision's dataset classes and
 download=False (training never downloads; use `python -m imnet.download` beforehand); CIFAR-10
 batches with imnet's own reader, whose unpickler refuses anything but a numpy array (safe_pickle).
@@ -21,9 +21,8 @@ including the fast layout `python -m imnet.data.convert` writes from any of the 
 
 from __future__ import annotations
 
-import operator
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,22 +34,10 @@ from torchvision import datasets as tvd
 from imnet.config import NATIVE_IMAGE_SIZE
 from imnet.data import safe_pickle
 from imnet.data import transforms as tf
-from imnet.data.core import DataError, check_labels
+from imnet.data.core import SPLITS, DataError, DatasetInfo, check_labels, derive_seed, parse_key
+from imnet.data.memory import TensorImageDataset
 
 NAMES = ("synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet", "tiny_imagenet", "h5")
-SPLITS = ("train", "val")
-
-_MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    num_classes: int
-    in_channels: int
-    image_size: int  # H == W (px) of the tensors the dataset yields
-    mean: tuple[float, ...]  # per-channel normalization applied, 0-1 pixel scale
-    std: tuple[float, ...]
-
 
 # Per-channel statistics of each train split on the 0-1 scale (the usual published values;
 # CIFAR-10 std is the per-pixel one, not the often-copied 0.2023/0.1994/0.2010).
@@ -89,68 +76,7 @@ def expected_files(name: str, root: str | os.PathLike, split: str = "train") -> 
     raise ValueError(f"no file list for dataset {name!r}")
 
 
-# ----------------------------------------------------------------------------------------- keys
-
-
-def _parse_key(key: Any, n: int) -> tuple[int, int | None]:
-    """`i` or `(i, sample_seed)` -> (non-negative index, seed or None); IndexError when out of range."""
-    if isinstance(key, (tuple, list)):
-        if len(key) != 2:
-            raise TypeError(f"dataset key must be an index or (index, sample_seed), got {key!r}")
-        index, seed = key
-        seed = None if seed is None else operator.index(seed)
-    else:
-        index, seed = key, None
-    index = operator.index(index)
-    if not -n <= index < n:
-        raise IndexError(f"index {index} out of range for a dataset of {n} images")
-    return index % n, seed
-
-
-def _mix(*parts: int) -> int:
-    """Hash ints into one 64-bit seed (splitmix64 finalizer): stable across versions and processes."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (p & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h
-
-
 # ------------------------------------------------------------------------------------- datasets
-
-
-class TensorImageDataset(Dataset):
-    """uint8 images (N, C, H, W) in memory; optional random crop (zero pad) + flip per sample seed.
-
-    `images`, `targets`, `mean`, `std`, `pad` and `flip` are public so a GPU-resident loader can
-    apply the same recipe on the device.
-    """
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: Sequence[float],
-                 std: Sequence[float], *, augment: bool, flip: bool, pad: int | None = None):
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise TypeError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        if len(images) != len(targets):
-            raise ValueError(f"{len(images)} images but {len(targets)} labels")
-        self.images = images.contiguous()
-        self.targets = torch.as_tensor(targets, dtype=torch.int64)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-        self.augment = augment
-        self.pad = tf.crop_pad(images.shape[-1]) if pad is None else pad  # px of zero padding for the random crop
-        self.flip = flip
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
-        index, seed = _parse_key(key, len(self))
-        img = self.images[index]
-        if self.augment and seed is not None:
-            img = tf.random_crop_flip(img, tf.generator(seed), self.pad, self.flip)
-        return tf.normalize_uint8(img, self._mean, self._std), int(self.targets[index])
 
 
 class SyntheticDataset(Dataset):
@@ -168,10 +94,10 @@ class SyntheticDataset(Dataset):
             raise ValueError(f"synthetic size, classes, channels and image_size must be >= 1, got "
                              f"{size}, {num_classes}, {channels}, {image_size}")
         self.image_size, self.augment = image_size, augment
-        self._base = _mix(seed, SPLITS.index(split))
-        labels_gen = tf.generator(_mix(self._base, 1 << 40))  # one draw for the whole split's labels
+        self._base = derive_seed(seed, SPLITS.index(split))
+        labels_gen = tf.generator(derive_seed(self._base, 1 << 40))  # one draw for the whole split's labels
         self.targets = torch.randint(0, num_classes, (size,), generator=labels_gen)
-        pattern_gen = tf.generator(_mix(seed, 1 << 41))  # split-independent: shared by train and val
+        pattern_gen = tf.generator(derive_seed(seed, 1 << 41))  # split-independent: shared by train and val
         self.patterns = torch.randn(num_classes, channels, 4, 4, generator=pattern_gen)
         self.pad = tf.crop_pad(image_size) if pad is None else pad
         self.flip = flip  # off by default: a mirror would blur the class pattern
@@ -180,10 +106,10 @@ class SyntheticDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
-        index, seed = _parse_key(key, len(self))
+        index, seed = parse_key(key, len(self))
         label = int(self.targets[index])
         c = self.patterns.shape[1]
-        noise = torch.randn(c, self.image_size, self.image_size, generator=tf.generator(_mix(self._base, index)))
+        noise = torch.randn(c, self.image_size, self.image_size, generator=tf.generator(derive_seed(self._base, index)))
         pattern = torch.nn.functional.interpolate(self.patterns[label : label + 1], size=noise.shape[-2:],
                                                   mode="bilinear", align_corners=False)[0]
         img = pattern + noise
@@ -207,10 +133,10 @@ class ImageFolderDataset(Dataset):
 
     def path(self, index: int) -> str:
         """The image file of sample `index` (an int or an `(index, sample_seed)` key)."""
-        return self.folder.samples[_parse_key(index, len(self))[0]][0]
+        return self.folder.samples[parse_key(index, len(self))[0]][0]
 
     def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
-        index, seed = _parse_key(key, len(self))
+        index, seed = parse_key(key, len(self))
         path, label = self.folder.samples[index]
         img = self.folder.loader(path)
         if self.augment and seed is not None:
@@ -325,7 +251,7 @@ def _build_digits(req: _Request) -> tuple[Dataset, DatasetInfo]:
     digits = load_digits()
     # A fixed pseudo-random permutation from a hash (not an RNG whose stream could change between
     # library versions), each part kept in the original order.
-    order = sorted(range(len(digits.target)), key=lambda i: _mix(_DIGITS_SALT, i))
+    order = sorted(range(len(digits.target)), key=lambda i: derive_seed(_DIGITS_SALT, i))
     part = order[:_DIGITS_TRAIN] if req.split == "train" else order[_DIGITS_TRAIN:]
     idx = torch.tensor(sorted(part))
     # 0..16 ink levels -> 0..255 uint8, one channel, 8x8 px; _in_memory upsamples to 32 px (native).
@@ -397,7 +323,7 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 _TINY_SIZE = NATIVE_IMAGE_SIZE["tiny_imagenet"]  # px: every Tiny ImageNet image is 64 x 64
 
 
-def _tiny_imagenet_files(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+def tiny_imagenet_files(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     """(wnids, [(path, label)]) of the official layout; label = line number of the wnid in wnids.txt."""
     wnids_path, folder = os.path.join(root, "wnids.txt"), os.path.join(root, split)
     ann = os.path.join(folder, "val_annotations.txt")
@@ -448,7 +374,7 @@ def _build_tiny_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
     """
     from PIL import Image
 
-    wnids, files = _tiny_imagenet_files(req.root, req.split)
+    wnids, files = tiny_imagenet_files(req.root, req.split)
     images = torch.empty((len(files), 3, _TINY_SIZE, _TINY_SIZE), dtype=torch.uint8)
     for i, (path, _) in enumerate(files):
         try:
@@ -468,7 +394,7 @@ def _build_tiny_imagenet(req: _Request) -> tuple[Dataset, DatasetInfo]:
 
 
 def _build_h5(req: _Request) -> tuple[Dataset, DatasetInfo]:
-    from imnet.data import h5  # h5 imports this module
+    from imnet.data import h5  # h5py only when an h5 dataset is built
 
     return h5.build(req.root, req.split, augment=req.augment, image_size=req.image_size, hflip=req.hflip,
                     crop_pad=req.crop_pad)

@@ -32,12 +32,13 @@ an error, never truncated). image_size: H (H == W is required). mean/std: the st
 STATS_IMAGES train images. Any damaged or inconsistent file raises `DataError` naming it.
 
 Memory: a split whose uint8 pixels take less than IN_MEMORY_BYTES is read once into a
-`TensorImageDataset` (the CIFAR path: same crop/flip/normalize, usable by a GPU-resident loader); a
-larger one is an `H5Dataset` that reads one image per __getitem__ and applies the same helpers, so
-both modes give bit-identical items. Workers: an h5py handle must not be used across a fork, so a
-file is opened lazily by the process that reads it (the pid is remembered; a forked DataLoader
-worker closes its inherited copy and reopens) and is never pickled. Readers open files with
-`locking=False`: files are only ever replaced whole by a rename (see `Writer`), never written in place.
+`TensorImageDataset` (the CIFAR path, usable by a GPU-resident loader); a larger one is an
+`H5Dataset` that reads one image per __getitem__. Both are imnet.data.memory's Uint8ImageDataset
+(one crop/flip/normalize recipe), so both modes give bit-identical items. Workers: an h5py handle
+must not be used across a fork, so a file is opened lazily by the process that reads it (the pid is
+remembered; a forked DataLoader worker closes its inherited copy and reopens) and is never pickled.
+Readers open files with `locking=False`: files are only ever replaced whole by a rename (see
+`Writer`), never written in place.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ import torch
 from torch.utils.data import Dataset
 
 from imnet.data import transforms as tf
-from imnet.data.core import DataError, check_labels
-from imnet.data.datasets import DatasetInfo, TensorImageDataset, _parse_key
+from imnet.data.core import DataError, DatasetInfo, check_labels
+from imnet.data.memory import TensorImageDataset, Uint8ImageDataset
 
 FORMAT = "imnet-h5-v1"
 IN_MEMORY_BYTES = 2 << 30  # 2 GiB of uint8 pixels: a smaller split is loaded into memory once
@@ -302,33 +303,18 @@ def _old_readers(root: str, split: str) -> tuple[_Reader, _Reader, list[_Reader]
 # ------------------------------------------------------------------------------------- datasets
 
 
-class H5Dataset(Dataset):
-    """One image per __getitem__ from an HDF5 reader, with TensorImageDataset's crop/flip/normalize."""
+class H5Dataset(Uint8ImageDataset):
+    """One image per __getitem__ from an HDF5 reader, with the in-memory datasets' recipe."""
 
     def __init__(self, reader: _Reader, size: int, mean: Sequence[float], std: Sequence[float], *,
                  augment: bool, flip: bool, pad: int | None = None):
+        super().__init__(reader.labels, mean, std, size=size, augment=augment, flip=flip, pad=pad)
         self.reader, self.size = reader, size
-        self.targets = torch.as_tensor(reader.labels, dtype=torch.int64)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-        self.augment, self.flip = augment, flip
-        self.pad = tf.crop_pad(size) if pad is None else pad  # px of zero padding for the random crop
-
-    def __len__(self) -> int:
-        return len(self.targets)
 
     def raw(self, index: int) -> torch.Tensor:
         """Image `index` as uint8 (C, size, size), resized if needed, never augmented."""
         img = torch.from_numpy(np.ascontiguousarray(self.reader.image(index))).permute(2, 0, 1).contiguous()
         return tf.resize_uint8(img[None], self.size)[0]
-
-    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
-        index, seed = _parse_key(key, len(self))
-        img = self.raw(index)
-        if self.augment and seed is not None:
-            img = tf.random_crop_flip(img, tf.generator(seed), self.pad, self.flip)
-        return tf.normalize_uint8(img, self._mean, self._std), int(self.targets[index])
 
 
 class _Sums:
@@ -399,7 +385,8 @@ def build(root: str, split: str, *, augment: bool, image_size: int | None, hflip
     if "num_classes" in attrs:
         num_classes = attrs["num_classes"]
         if np.ndim(num_classes) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise DataError(f"{train.path}: attribute num_classes is {np.asarray(num_classes).tolist()!r}, expected a positive integer")
+            raise DataError(f"{train.path}: attribute num_classes is {np.asarray(num_classes).tolist()!r}, "
+                            "expected a positive integer")
         num_classes = int(num_classes)
     else:
         num_classes = max(max_label + 1, one_hot)
