@@ -22,11 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from imnet import atomic, checkpoint
+from imnet import atomic, checkpoint, norm, resume
 from imnet import dist as imdist
-from imnet import norm, resume
-
-DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from imnet.dtypes import DTYPES, amp_dtype
 
 
 @dataclass
@@ -39,7 +37,7 @@ class StepOut:
 
 
 def autocast(device: torch.device, amp: str):
-    dtype = DTYPES[amp]
+    dtype = amp_dtype(amp)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -268,13 +266,13 @@ class DeepSpeedEngine:
                                                 config=copy.deepcopy(self.ds_config), dist_init_required=False)
         self.module = self.ds.module  # the bare model (16-bit weights under bf16/fp16): eval, BN stats
         # DeepSpeed's bf16/fp16 casts the weights, not the inputs
-        self.input_dtype = (torch.bfloat16 if self.ds.bfloat16_enabled() else
-                            torch.float16 if self.ds.fp16_enabled() else None)
+        self.input_dtype = (DTYPES["bf16"] if self.ds.bfloat16_enabled() else
+                            DTYPES["fp16"] if self.ds.fp16_enabled() else None)
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         if run_dir and d.is_main:  # the resolved DeepSpeed JSON, next to config.yaml
             os.makedirs(run_dir, exist_ok=True)
             atomic.write(os.path.join(run_dir, "deepspeed.json"),
-                                    lambda f: f.write(json.dumps(self.ds_config, indent=2).encode()))
+                         lambda f: f.write(json.dumps(self.ds_config, indent=2).encode()))
 
     def train_step(self, micro_batches: list, lr: float, stop_requested: bool = False) -> StepOut:
         self.module.train()
