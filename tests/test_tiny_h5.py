@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import check_determinism, contains, shifted_crops
-from imnet import config
+from imnet import atomic, config
 from imnet.data import convert, h5
 from imnet.data import transforms as tf
 from imnet.data.core import DataError
@@ -349,6 +349,17 @@ def test_convert_is_atomic(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path / "out") == []  # neither file, nor a temporary one
     with pytest.raises(SystemExit):
         convert.main(["--dataset", "synthetic", "--out", str(tmp_path / "out")])
+
+
+def test_writer_writes_through_imnet_atomic(tmp_path):
+    w = h5.Writer(str(tmp_path / "train.h5"), 1, (2, 2, 1), num_classes=1)
+    assert atomic.is_temp(os.path.basename(w.tmp)) and os.path.dirname(os.path.abspath(w.tmp)) == str(tmp_path)
+    w.append(np.zeros((1, 2, 2, 1), np.uint8), [0])
+    w.close(*w.stats())
+    assert os.listdir(tmp_path) == [os.path.basename(w.tmp)]  # whole, but not yet under its name
+    w.publish()
+    w.discard()
+    assert os.listdir(tmp_path) == ["train.h5"]
 
 
 # ------------------------------------------------------------------------- lazy mode, workers

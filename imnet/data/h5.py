@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from imnet import atomic
 from imnet.data import transforms as tf
 from imnet.data.core import DataError, DatasetInfo, check_labels
 from imnet.data.memory import TensorImageDataset, Uint8ImageDataset
@@ -435,8 +436,8 @@ class Writer:
 
         w = Writer(path, n, (H, W, C), num_classes=10)
         w.append(images_nhwc, labels)  # as many times as needed, n images in all
-        w.close(mean, std)             # attributes, flush, fsync: still under the temporary name
-        w.publish()                    # atomic rename to `path`
+        w.close(mean, std)             # attributes; the whole file, still under the temporary name
+        w.publish()                    # imnet.atomic.commit: fsync, rename to `path`, fsync the folder
         w.discard()                    # (in a finally) removes the temporary file unless published
 
     An interrupted conversion therefore never leaves a file under the final name.
@@ -448,9 +449,8 @@ class Writer:
         if n < 1:
             raise ValueError(f"{path}: nothing to write (0 images)")
         self.path, self.n, self.shape, self.count = path, n, (h, w, c), 0
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        self.tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.tmp = atomic.temp_path(path)
         self._f: h5py.File | None = h5py.File(self.tmp, "w")
         self._images = self._f.create_dataset("images", (n, h, w, c), dtype=np.uint8, chunks=(1, h, w, c))
         self._labels = self._f.create_dataset("labels", (n,), dtype=np.int64)
@@ -486,19 +486,12 @@ class Writer:
         self._f.attrs["std"] = np.asarray(std, dtype=np.float64)
         self._f.close()
         self._f = None
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
 
     def publish(self) -> None:
         if self._f is not None:
             raise RuntimeError(f"{self.path}: close() before publish()")
-        os.replace(self.tmp, self.path)
+        atomic.commit(self.tmp, self.path)
         self._published = True
-        fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)  # make the rename itself durable
-        finally:
-            os.close(fd)
 
     def discard(self) -> None:
         if self._f is not None:
