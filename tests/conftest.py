@@ -1,6 +1,7 @@
 """Shared helpers: run the real CLI in subprocesses, multi-process ones inside a loopback-only
-network namespace (torchrun's store listens on every address; here only `lo` exists); the
-augmentation checks the dataset tests share."""
+network namespace (torchrun's store listens on every address; here only `lo` exists); read a run
+folder back (metrics, train steps and losses, the final checkpoint, weight differences); the
+augmentation checks the dataset tests share. Test modules import them with `from conftest import ...`."""
 
 import json
 import os
@@ -70,8 +71,38 @@ def kill_tree(pid: int) -> None:
 
 
 def metrics(run_dir) -> list[dict]:
+    """Every record of a run's metrics.jsonl (a missing file is an error, unlike imnet.log.read_metrics)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def train_steps(run_dir) -> list[int]:
+    """The steps of the run's train records, in file order (a repeated or missing step shows)."""
+    return [r["step"] for r in metrics(run_dir) if r["split"] == "train"]
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    """step -> loss of the run's train records."""
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if r["split"] == "train"}
+
+
+def final_checkpoint(run_dir) -> dict:
+    """The run's newest whole checkpoint (what `latest` names), loaded as a resume would."""
+    from imnet.checkpoint import Checkpointer, load
+
+    return load(Checkpointer(os.path.join(run_dir, "checkpoints")).latest())
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts' floating-point tensors (in float64)."""
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two checkpoints at the same step with bit-identical model tensors."""
+    assert a["step"] == b["step"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
 
 
 def cfg_for(tmp_path, name, *more):

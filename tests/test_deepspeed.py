@@ -17,8 +17,8 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, metrics, run, single, torchrun, train_losses
 
-from conftest import ROOT, metrics, run, single, torchrun
 from imnet import config, engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -33,10 +33,6 @@ def ds(stage: int, *more: str) -> list[str]:
 
 def ckpt_file(run_dir, step):
     return torch.load(os.path.join(run_dir, "checkpoints", f"ckpt_{step:08d}.pt"), weights_only=True)
-
-
-def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics(run_dir) if r["split"] == "train"}
 
 
 def tensors(obj, path=""):
@@ -81,7 +77,7 @@ def train_then_resume(tmp_path, small_run, name: str, *over: str):
 
 
 def assert_resumed_exactly(ref, cut):
-    lr, lc = losses(ref), losses(cut)
+    lr, lc = train_losses(ref), train_losses(cut)
     assert sorted(lr) == [1, 2, 3, 4, 5, 6] and sorted(lc) == [5, 6]  # none twice, none missing
     assert [lc[s] for s in (5, 6)] == [lr[s] for s in (5, 6)]  # exact
     a, b = ckpt_file(ref, 6), ckpt_file(cut, 6)
@@ -104,14 +100,14 @@ def test_zero0_matches_ddp_and_resumes_exactly(tmp_path, small_run):
     # grad norm for clipping is summed in another order; without clipping both are bit-identical).
     run(torchrun(2, "imnet.train", *small_run("ddp", *COMMON)))
     run(torchrun(2, "imnet.train", *small_run("ddp_noclip", *COMMON, "optim.grad_clip=0")))
-    ld, lz = losses(tmp_path / "ddp"), losses(ref)
+    ld, lz = train_losses(tmp_path / "ddp"), train_losses(ref)
     assert sorted(ld) == sorted(lz) == [1, 2, 3, 4, 5, 6]
     assert [lz[s] for s in sorted(lz)] == pytest.approx([ld[s] for s in sorted(ld)], abs=1e-5, rel=0)
     wd, wz = ckpt_file(tmp_path / "ddp", 6)["model"], ckpt_file(ref, 6)["model"]
     assert wd.keys() == wz.keys()
     assert max((wd[k].double() - wz[k].double()).abs().max().item() for k in wd) < 1e-6
     # negative control: clipping is active here, so dropping it moves the losses far beyond the tolerance
-    ln = losses(tmp_path / "ddp_noclip")
+    ln = train_losses(tmp_path / "ddp_noclip")
     assert max(abs(ln[s] - ld[s]) for s in ld) > 1e-3
     # a DeepSpeed checkpoint is not DDP's to resume (its optimizer state is in the sharded folder)
     p = run(single("imnet.train", *small_run("ddp_from_ds", *COMMON,
@@ -133,7 +129,7 @@ def test_zero_stage_resumes_exactly(tmp_path, small_run, stage, amp):
         over.append(f"precision.amp={amp}")
     ref, cut = train_then_resume(tmp_path, small_run, f"z{stage}", *over)
     assert_resumed_exactly(ref, cut)
-    assert all(math.isfinite(x) for x in losses(ref).values())
+    assert all(math.isfinite(x) for x in train_losses(ref).values())
     cfg = json.loads((ref / "deepspeed.json").read_text())
     assert cfg["zero_optimization"]["stage"] == stage and cfg["bf16"]["enabled"] == (amp == "bf16")
     assert cfg["zero_optimization"]["allgather_bucket_size"] == 1000000  # the user's override

@@ -4,23 +4,16 @@ import math
 
 import pytest
 import torch
+from conftest import cfg_for, final_checkpoint, fit, max_diff
 
-from conftest import cfg_for, fit
 from imnet import config, dist, engine, models, train
 from imnet.log import read_metrics
-
-
-def weights(tmp_path, name):
-    from imnet.checkpoint import Checkpointer, load
-
-    return load(Checkpointer(str(tmp_path / name / "checkpoints")).latest())["model"]
 
 
 def test_grad_accumulation_equals_the_big_batch(tmp_path):
     fit(cfg_for(tmp_path, "acc", "optim.accum_steps=2", "data.batch_size=4", "run.max_steps=3"))
     fit(cfg_for(tmp_path, "big", "data.batch_size=8", "run.max_steps=3"))
-    a, b = weights(tmp_path, "acc"), weights(tmp_path, "big")
-    assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-5
+    assert max_diff(final_checkpoint(tmp_path / "acc")["model"], final_checkpoint(tmp_path / "big")["model"]) < 1e-5
 
 
 def test_nonfinite_losses_are_skipped_then_abort(tmp_path):
@@ -91,9 +84,9 @@ def test_run_folder_lock(tmp_path):
 def test_torch_compile_matches_eager(tmp_path):
     fit(cfg_for(tmp_path, "eager", "run.max_steps=2", "run.deterministic=false"))
     fit(cfg_for(tmp_path, "compiled", "run.max_steps=2", "model.compile=true", "run.deterministic=false"))
-    a, b = weights(tmp_path, "eager"), weights(tmp_path, "compiled")
+    a, b = final_checkpoint(tmp_path / "eager")["model"], final_checkpoint(tmp_path / "compiled")["model"]
     assert a.keys() == b.keys()  # the bare model is saved, no _orig_mod. prefix
-    assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-4
+    assert max_diff(a, b) < 1e-4
 
 
 def test_resume_from_a_path_and_warn_on_changed_trajectory(tmp_path, capsys):

@@ -11,8 +11,21 @@ import time
 
 import pytest
 import torch
+from conftest import (
+    ROOT,
+    assert_same_weights,
+    cfg_for,
+    child_env,
+    final_checkpoint,
+    fit,
+    kill_tree,
+    metrics,
+    run,
+    single,
+    torchrun,
+    train_steps,
+)
 
-from conftest import ROOT, cfg_for, child_env, fit, kill_tree, metrics, run, single, torchrun
 from imnet import dist, fault, schedule
 from imnet.checkpoint import Checkpointer
 from imnet.checkpoint import load as load_ckpt
@@ -27,20 +40,6 @@ def saved(run_dir) -> list[str]:
 
 def latest(run_dir) -> str:
     return os.path.basename(Checkpointer(os.path.join(run_dir, "checkpoints")).latest())
-
-
-def final(run_dir) -> dict:
-    return load_ckpt(Checkpointer(os.path.join(run_dir, "checkpoints")).latest())
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a["step"] == b["step"]
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-
-
-def train_steps(run_dir) -> list[int]:
-    return [r["step"] for r in metrics(run_dir) if r["split"] == "train"]
 
 
 def wait_for(pred, proc, timeout=120):
@@ -222,7 +221,7 @@ def test_kill_during_a_checkpoint_write_keeps_latest_whole_and_resumes_exactly(t
     out = run(args).stdout
     assert f"resumed from {ck}/ckpt_00000005.pt at step 5 " in out
     assert not glob.glob(str(ck / ".ckpt_*"))  # the dead attempt's temp file is gone
-    assert_same_weights(final(tmp_path / "ref"), final(tmp_path / "cut"))
+    assert_same_weights(final_checkpoint(tmp_path / "ref"), final_checkpoint(tmp_path / "cut"))
     loss = lambda d: [(r["step"], r["loss"]) for r in metrics(d) if r["split"] == "train"]  # noqa: E731
     assert loss(tmp_path / "cut") == loss(tmp_path / "ref") and train_steps(tmp_path / "ref") == list(range(1, 65))
 
@@ -331,8 +330,8 @@ def test_max_restarts_finish_by_themselves_training_every_sample_once(tmp_path, 
     ck = tmp_path / "cut" / "checkpoints"
     assert f"resumed from {ck}/ckpt_00000005.pt at step 5 " in p.stdout  # attempt 1: killed at the start of step 7
     assert f"resumed from {ck}/ckpt_00000015.pt at step 15 " in p.stdout  # attempt 2: killed at the start of step 20
-    assert_same_weights(final(tmp_path / "ref"), final(tmp_path / "cut"))
-    assert final(tmp_path / "cut")["step"] == 30
+    assert_same_weights(final_checkpoint(tmp_path / "ref"), final_checkpoint(tmp_path / "cut"))
+    assert final_checkpoint(tmp_path / "cut")["step"] == 30
     loss = lambda d: [(r["step"], r["loss"]) for r in metrics(d) if r["split"] == "train"]  # noqa: E731
     assert loss(tmp_path / "cut") == loss(tmp_path / "ref") and train_steps(tmp_path / "cut") == list(range(1, 31))
     assert [(r["step"], r["n"]) for r in metrics(tmp_path / "cut") if r["split"] == "val"] == [(15, 62), (30, 62)]
@@ -352,7 +351,7 @@ def test_uneven_data_on_three_ranks_runs_the_same_collectives_and_counts_every_v
                                                   "data.eval_batch_size=5", "log.every_steps=5")),
             env=child_env(IMNET_TRACE_COLLECTIVES="1"), timeout=280)
     assert [(r["step"], r["n"]) for r in metrics(tmp_path / "three") if r["split"] == "val"] == [(10, 62), (20, 62)]
-    assert "final val top1" in p.stdout and final(tmp_path / "three")["step"] == 20
+    assert "final val top1" in p.stdout and final_checkpoint(tmp_path / "three")["step"] == 20
     calls = assert_same_collectives(tmp_path / "three", 3)
     assert calls.count(["all_reduce", [[[5], "torch.float32"]]]) == 20  # one per step: decisions and metrics
 

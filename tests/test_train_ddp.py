@@ -1,26 +1,14 @@
 """The real CLI on 2 gloo ranks: GroupNorm equivalence, exact resume after SIGKILL, evaluation."""
 
 import json
-import os
 import subprocess
 import time
 
 import pytest
 import torch
-
-from conftest import ROOT, child_env, kill_tree, metrics, run, single, torchrun
+from conftest import ROOT, child_env, final_checkpoint, kill_tree, max_diff, metrics, run, single, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def final_weights(run_dir):
-    ck = os.path.join(run_dir, "checkpoints")
-    name = open(os.path.join(ck, "latest")).read().strip()
-    return torch.load(os.path.join(ck, name), weights_only=True)
-
-
-def max_diff(a, b):
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
 @pytest.mark.parametrize("norm,equal", [("gn", True), ("syncbn", True), ("bn", False)])
@@ -30,7 +18,7 @@ def test_two_ranks_b_equal_one_rank_2b(tmp_path, small_run, norm, equal):
     common = [f"model.norm={norm}", "run.max_steps=3", "run.deterministic=true", "optim.base_lr=0.5"]
     run(torchrun(2, "imnet.train", *small_run("two", "data.batch_size=8", *common)))
     run(single("imnet.train", *small_run("one", "data.batch_size=16", *common)))
-    a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    a, b = final_checkpoint(tmp_path / "two"), final_checkpoint(tmp_path / "one")
     assert a["step"] == b["step"] == 3
     d = max_diff(a["model"], b["model"])
     if equal:
@@ -68,7 +56,7 @@ def test_sigkill_mid_epoch_resumes_on_the_same_trajectory(tmp_path, small_run):
     spe = 260 // (2 * 8)
     assert 0 < step < 2 * spe and step % spe != 0, (step, spe)  # really mid-epoch
     assert killed_at >= step
-    ref, cut = final_weights(ref_dir), final_weights(cut_dir)
+    ref, cut = final_checkpoint(ref_dir), final_checkpoint(cut_dir)
     assert ref["step"] == cut["step"] == 2 * spe
     for k, v in ref["model"].items():
         assert torch.equal(v, cut["model"][k]), k
