@@ -75,7 +75,7 @@ def jpeg_dali(root: str, workers: int, batch: int) -> float:
     cfg = config.load(None, ["data.name=imagenet", f"data.root={root}", "data.loader=dali",
                              f"data.batch_size={batch}", f"data.workers={workers}"])
     d = dist.Dist(0, 1, 0, torch.device("cpu"), None, "single")
-    loader = dali.build(cfg, d, "train")
+    loader = dali.build(cfg.data, d, "train", seed=cfg.run.seed, channels_last=cfg.model.channels_last)
     loader.sampler.set_epoch(0)
     return rate(loader, batch, len(loader) - 1)
 

@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     d = dist.setup(cfg.dist)
     try:
         try:
-            data = data_mod.build(cfg, d, train=False)
+            data = data_mod.build(cfg.data, d, seed=cfg.run.seed, channels_last=cfg.model.channels_last, train=False)
         except (FileNotFoundError, DataError) as e:  # missing or damaged data: one line naming the file
             dist.report_error(f"imnet.evaluate: error: {e}")
             sys.exit(1)

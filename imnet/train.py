@@ -106,7 +106,8 @@ def fit(cfg: config.Config, d: dist.Dist) -> dict:
 def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
     fault.trace_collectives(run_dir, d.rank)  # IMNET_TRACE_COLLECTIVES: off unless set (tests)
     seed_all(cfg.run.seed, cfg.run.deterministic)
-    data = data_mod.build(cfg, d)
+    data = data_mod.build(cfg.data, d, seed=cfg.run.seed, channels_last=cfg.model.channels_last,
+                          accum_steps=cfg.optim.accum_steps)
     model = models.from_config(cfg.model, data.info, batch_size=cfg.data.batch_size, world=d.world)
     eng = engine.build(cfg, model, d, run_dir)
     faults = fault.Injector(d.rank)  # IMNET_FAULT: off unless set (tests)

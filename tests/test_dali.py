@@ -59,6 +59,11 @@ def make_cfg(root: str, *more: str, name: str = "imagenet"):
                               "model.norm=bn", "run.seed=3", *size, *more])
 
 
+def build(cfg, dist: Dist, split: str, **kw):
+    """dali.build for a whole Config, as imnet.data.build calls it."""
+    return dali.build(cfg.data, dist, split, seed=cfg.run.seed, channels_last=cfg.model.channels_last, **kw)
+
+
 def rank(r: int = 0, world: int = 1) -> Dist:
     return Dist(r, world, r, torch.device("cpu"), None, "single")
 
@@ -93,7 +98,7 @@ def test_train_shards_are_disjoint_cover_the_set_and_match_the_torch_sampler(ima
     labels = file_labels(imagenet, "train")
     seen = []
     for r in range(2):
-        loader = dali.build(cfg, rank(r, 2), "train")
+        loader = build(cfg, rank(r, 2), "train")
         assert len(loader) == 3  # 24 images // (2 ranks x 4)
         batches = one_pass(loader)
         assert len(batches) == 3
@@ -113,7 +118,7 @@ def test_train_shards_are_disjoint_cover_the_set_and_match_the_torch_sampler(ima
 
 def test_train_ranks_take_equal_steps_and_the_dropped_tail_changes(imagenet):
     cfg = make_cfg(imagenet, "data.batch_size=5")  # 24 images // (2 x 5) = 2 steps, 4 images dropped
-    loaders = [dali.build(cfg, rank(r, 2), "train") for r in range(2)]
+    loaders = [build(cfg, rank(r, 2), "train") for r in range(2)]
     used = []
     for epoch in range(4):
         ids = []
@@ -129,7 +134,7 @@ def test_train_ranks_take_equal_steps_and_the_dropped_tail_changes(imagenet):
 
 
 def test_epochs_reshuffle_and_the_seed_reproduces(imagenet):
-    loader = dali.build(make_cfg(imagenet), rank(), "train")
+    loader = build(make_cfg(imagenet), rank(), "train")
     e0, e1 = one_pass(loader), one_pass(loader)  # iterating again is the next epoch
     assert ids_of(e0) != ids_of(e1) and sorted(ids_of(e0)) == sorted(ids_of(e1))
     # the same file is augmented differently in another epoch
@@ -138,19 +143,19 @@ def test_epochs_reshuffle_and_the_seed_reproduces(imagenet):
     assert not torch.equal(e0[0][0][0], e1[pos // 4][0][pos % 4])
     # a fresh loader with the same seed (any number of DALI threads) gives the same first batch
     for workers in (0, 1):
-        x, y, ids = one_pass(dali.build(make_cfg(imagenet, f"data.workers={workers}"), rank(), "train"))[0]
+        x, y, ids = one_pass(build(make_cfg(imagenet, f"data.workers={workers}"), rank(), "train"))[0]
         assert ids == e0[0][2] and torch.equal(y, e0[0][1]) and torch.equal(x, e0[0][0])
-    other = one_pass(dali.build(make_cfg(imagenet, "run.seed=4"), rank(), "train"))
+    other = one_pass(build(make_cfg(imagenet, "run.seed=4"), rank(), "train"))
     assert ids_of(other) != ids_of(e0)
 
 
 def test_resume_mid_epoch_is_bit_identical(imagenet):
     cfg = make_cfg(imagenet)
-    full_loader = dali.build(cfg, rank(), "train")
+    full_loader = build(cfg, rank(), "train")
     full_loader.sampler.set_epoch(1)
     full = one_pass(full_loader)
     assert len(full) == 6
-    resumed = dali.build(cfg, rank(), "train")
+    resumed = build(cfg, rank(), "train")
     resumed.sampler.set_epoch(1, start_batch=2)
     assert len(resumed) == 4
     rest = one_pass(resumed)
@@ -164,12 +169,12 @@ def test_resume_mid_epoch_is_bit_identical(imagenet):
 
 def test_an_unfinished_pass_does_not_disturb_the_next_epoch(imagenet):
     cfg = make_cfg(imagenet)
-    loader = dali.build(cfg, rank(), "train")
+    loader = build(cfg, rank(), "train")
     it = iter(loader)
     next(it)  # the training loop stops at steps_per_epoch without exhausting the loader
     loader.sampler.set_epoch(1)
     got = one_pass(loader)
-    fresh = dali.build(cfg, rank(), "train")
+    fresh = build(cfg, rank(), "train")
     fresh.sampler.set_epoch(1)
     want = one_pass(fresh)
     assert [ids for *_, ids in got] == [ids for *_, ids in want]
@@ -178,22 +183,22 @@ def test_an_unfinished_pass_does_not_disturb_the_next_epoch(imagenet):
 
 def test_held_batches_stay_valid(imagenet):
     """Gradient accumulation holds several batches at once: DALI must not reuse their memory."""
-    loader = dali.build(make_cfg(imagenet), rank(), "train")
+    loader = build(make_cfg(imagenet), rank(), "train")
     held = [(x, x.clone(), y, y.clone()) for x, y in loader]
     assert len(held) == 6 and all(torch.equal(x, x0) and torch.equal(y, y0) for x, x0, y, y0 in held)
 
 
 def test_channels_last_is_the_same_nchw_tensor(imagenet):
     for split in ("train", "val"):
-        plain = one_pass(dali.build(make_cfg(imagenet), rank(), split))[0][0]
-        cl = one_pass(dali.build(make_cfg(imagenet, "model.channels_last=true"), rank(), split))[0][0]
+        plain = one_pass(build(make_cfg(imagenet), rank(), split))[0][0]
+        cl = one_pass(build(make_cfg(imagenet, "model.channels_last=true"), rank(), split))[0][0]
         assert cl.shape == plain.shape and cl.shape[1] == 3
         assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
         assert torch.equal(cl, plain)
 
 
 def test_train_without_augmentation_uses_the_val_recipe(imagenet):
-    loader = dali.build(make_cfg(imagenet, "data.augment=false"), rank(), "train")
+    loader = build(make_cfg(imagenet, "data.augment=false"), rank(), "train")
     ds, _ = build_dataset("imagenet", imagenet, "train", augment=False, image_size=S)
     for x, _, ids in one_pass(loader):
         ref = torch.stack([ds[i][0] for i in ids])
@@ -209,7 +214,7 @@ def test_val_counts_every_image_exactly_once(imagenet, world):
     labels = file_labels(imagenet, "val")
     n, ids, sizes = 0, [], []
     for r in range(world):
-        loader = dali.build(cfg, rank(r, world), "val")
+        loader = build(cfg, rank(r, world), "val")
         batches = one_pass(loader)
         assert len(batches) == len(loader)
         for x, y, i in batches:
@@ -230,7 +235,7 @@ def torch_val(root: str, size: int) -> torch.Tensor:
 
 
 def dali_val(root: str, size: int, batch: int = 8) -> torch.Tensor:
-    loader = dali.build(make_cfg(root, f"data.image_size={size}", f"data.eval_batch_size={batch}"), rank(), "val")
+    loader = build(make_cfg(root, f"data.image_size={size}", f"data.eval_batch_size={batch}"), rank(), "val")
     batches = one_pass(loader)
     assert ids_of(batches) == list(range(loader.num_images))
     return torch.cat([x for x, _, _ in batches])
@@ -354,9 +359,9 @@ def tiny(tmp_path_factory) -> str:
 
 def test_tiny_imagenet_val_equals_the_torch_loader(tiny):
     cfg = make_cfg(tiny, name="tiny_imagenet")
-    assert dali.dali_info(cfg) == DatasetInfo(3, 3, 64, tf.IMAGENET_MEAN, tf.IMAGENET_STD)
+    assert dali.dali_info(cfg.data) == DatasetInfo(3, 3, 64, tf.IMAGENET_MEAN, tf.IMAGENET_STD)
     ds, _ = build_dataset("tiny_imagenet", tiny, "val", augment=False)
-    batches = one_pass(dali.build(cfg, rank(), "val"))
+    batches = one_pass(build(cfg, rank(), "val"))
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     assert ids_of(batches) == list(range(9)) and x.shape == (9, 3, 64, 64)
@@ -373,7 +378,7 @@ def test_tiny_imagenet_train_is_the_torch_pad_crop_flip(tiny):
     mean = torch.tensor(tf.IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(tf.IMAGENET_STD).view(3, 1, 1)
     shifts = set()
-    loader = dali.build(cfg, rank(), "train")
+    loader = build(cfg, rank(), "train")
     for _ in range(2):
         for x, y, ids in one_pass(loader):
             for img, label, i in zip(x, y, ids):
@@ -395,7 +400,7 @@ def test_tiny_imagenet_train_without_flip_and_crop_is_the_plain_image(tiny):
     cfg = make_cfg(tiny, "data.hflip=off", "data.crop_pad=0", name="tiny_imagenet")
     ds, _ = build_dataset("tiny_imagenet", tiny, "train", augment=False)
     n = 0
-    for x, y, ids in one_pass(dali.build(cfg, rank(), "train")):
+    for x, y, ids in one_pass(build(cfg, rank(), "train")):
         for img, i in zip(x, ids):
             assert torch.allclose(img, ds[i][0], atol=1e-4), i
             n += 1
@@ -407,19 +412,19 @@ def test_tiny_imagenet_train_without_flip_and_crop_is_the_plain_image(tiny):
 
 def test_info_only_and_errors(imagenet, tmp_path):
     cfg = make_cfg(imagenet)
-    assert dali.dali_info(cfg) == DatasetInfo(3, 3, S, tf.IMAGENET_MEAN, tf.IMAGENET_STD)
-    info_only = dali.build(cfg, rank(), "train", info_only=True)
+    assert dali.dali_info(cfg.data) == DatasetInfo(3, 3, S, tf.IMAGENET_MEAN, tf.IMAGENET_STD)
+    info_only = build(cfg, rank(), "train", info_only=True)
     assert len(info_only) == 6 and info_only.num_images == 24 and info_only.info.num_classes == 3
     with pytest.raises(RuntimeError, match="info_only"):
         iter(info_only)
     with pytest.raises(ValueError, match="batch_size"):
-        dali.build(make_cfg(imagenet, "data.batch_size=16"), rank(0, 2), "train")  # 32 > 24 images
+        build(make_cfg(imagenet, "data.batch_size=16"), rank(0, 2), "train")  # 32 > 24 images
     with pytest.raises(ValueError, match="data.loader=dali"):
-        dali.build(make_cfg(imagenet, "data.name=cifar10"), rank(), "val")
+        build(make_cfg(imagenet, "data.name=cifar10"), rank(), "val")
     with pytest.raises(FileNotFoundError, match="imagenet"):
-        dali.build(make_cfg(str(tmp_path / "missing")), rank(), "val")
+        build(make_cfg(str(tmp_path / "missing")), rank(), "val")
     with pytest.raises(FileNotFoundError, match="imagenet"):
-        dali.dali_info(make_cfg(str(tmp_path / "missing")))
+        dali.dali_info(make_cfg(str(tmp_path / "missing")).data)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -432,7 +437,7 @@ def test_an_undecodable_jpeg_is_named_and_skip_is_refused_at_start(tmp_path, dam
     bad = os.path.join(root, "train", "n02", "n02_3.JPEG")
     data = open(bad, "rb").read()
     open(bad, "wb").write(data[: len(data) // 3] if damage == "truncated" else b"\xff\xd8\xff" + bytes(range(256)) * 8)
-    loader = dali.build(make_cfg(root), rank(0, 1), "train")
+    loader = build(make_cfg(root), rank(0, 1), "train")
     loader.sampler.set_epoch(0, 0)
     with pytest.raises(DataError) as e:
         for _ in loader:

@@ -84,7 +84,7 @@ def test_val_equals_the_torch_loader_and_counts_once():
     cfg_g = config.load(None, ["data.name=digits", "data.eval_batch_size=50", "data.loader=gpu",
                                "model.channels_last=true"])
     d = dist.setup(cfg_t.dist)
-    t, g = D.build(cfg_t, d), D.build(cfg_g, d)
+    t, g = (D.build(c.data, d, seed=c.run.seed, channels_last=c.model.channels_last) for c in (cfg_t, cfg_g))
     vt, vg = list(t.val), list(g.val)
     assert sum(len(y) for _, y in vg) == 360 and len(vg) == len(g.val) == 8
     for (xa, ya), (xb, yb) in zip(vt, vg):

@@ -1,5 +1,8 @@
 """Data: datasets (imnet.data.datasets) behind one sharded, resumable loader.
 
+    data = build(cfg.data, dist, seed=cfg.run.seed, channels_last=cfg.model.channels_last,
+                 accum_steps=cfg.optim.accum_steps)
+
 Every loader yields `(images, labels)` already on the device, in the memory format the model wants,
 labels int64, so the training loop never knows which dataset it has.
 
@@ -55,19 +58,23 @@ class Data:
     n_val: int
 
 
-def _loader(ds, sampler, batch, cfg, device, drop_last) -> DataLoader:
-    workers = cfg.workers
+def _loader(ds, sampler, batch, d, device, drop_last) -> DataLoader:
+    workers = d.workers
     return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
-def build(cfg, dist, *, train: bool = True) -> Data:
-    """Train and val loaders for `cfg` (the whole Config) on this rank."""
-    d = cfg.data
+def build(d, dist, *, seed: int, channels_last: bool, accum_steps: int = 1, train: bool = True) -> Data:
+    """Train and val loaders of the data section `d` (cfg.data) on this rank.
+
+    seed: run.seed (sample order, augmentation, synthetic images). channels_last: model.channels_last,
+    the memory format batches arrive in. accum_steps: optim.accum_steps, micro-batches per optimizer
+    step (for steps_per_epoch). train=False builds the val loader only.
+    """
     if d.loader == "dali":
-        return _build_dali(cfg, dist, train)
+        return _build_dali(d, dist, seed, channels_last, accum_steps, train)
     kw = dict(image_size=d.image_size, synthetic_classes=d.synthetic_classes,
-              synthetic_channels=d.synthetic_channels, seed=cfg.run.seed, hflip=d.hflip, crop_pad=d.crop_pad)
+              synthetic_channels=d.synthetic_channels, seed=seed, hflip=d.hflip, crop_pad=d.crop_pad)
     val_ds, info = build_dataset(d.name, d.root, "val", augment=False, synthetic_size=max(1, d.synthetic_size // 4),
                                  **kw)
     train_ds = None
@@ -80,9 +87,9 @@ def build(cfg, dist, *, train: bool = True) -> Data:
             train_ds = BadImagePolicy(train_ds, d.on_bad_image, log=log)
             val_ds = BadImagePolicy(val_ds, "error")
     val_batch = d.eval_batch_size or 2 * d.batch_size
-    cl = cfg.model.channels_last
+    cl = channels_last
     val_sampler = ValSampler(len(val_ds), dist.rank, dist.world)
-    sampler = TrainSampler(len(train_ds), dist.rank, dist.world, d.batch_size, cfg.run.seed) if train else None
+    sampler = TrainSampler(len(train_ds), dist.rank, dist.world, d.batch_size, seed) if train else None
 
     if d.loader == "gpu":
         from imnet.data.resident import ResidentLoader
@@ -93,23 +100,23 @@ def build(cfg, dist, *, train: bool = True) -> Data:
         val = DeviceLoader(_loader(val_ds, val_sampler, val_batch, d, dist.device, False), dist.device, cl)
         tr = (DeviceLoader(_loader(train_ds, sampler, d.batch_size, d, dist.device, True), dist.device, cl)
               if train else None)
-    return Data(tr, val, info, _steps(sampler, cfg), len(val_ds))
+    return Data(tr, val, info, _steps(sampler, accum_steps), len(val_ds))
 
 
-def _steps(sampler: Optional[TrainSampler], cfg) -> int:
+def _steps(sampler: Optional[TrainSampler], accum_steps: int) -> int:
     """Optimizer steps per epoch (0 without a train loader)."""
     if sampler is None:
         return 0
-    steps = sampler.batches // cfg.optim.accum_steps
+    steps = sampler.batches // accum_steps
     if steps == 0:
-        raise ValueError(f"optim.accum_steps: {cfg.optim.accum_steps} micro-batches is more than an epoch "
+        raise ValueError(f"optim.accum_steps: {accum_steps} micro-batches is more than an epoch "
                          f"({sampler.batches} per rank)")
     return steps
 
 
-def _build_dali(cfg, dist, train: bool) -> Data:
+def _build_dali(d, dist, seed: int, channels_last: bool, accum_steps: int, train: bool) -> Data:
     from imnet.data import dali  # DALI itself is imported only when a pipeline is built
 
-    val = dali.build(cfg, dist, "val")
-    tr = dali.build(cfg, dist, "train") if train else None
-    return Data(tr, val, val.info, _steps(tr.sampler if tr is not None else None, cfg), val.num_images)
+    val = dali.build(d, dist, "val", seed=seed, channels_last=channels_last)
+    tr = dali.build(d, dist, "train", seed=seed, channels_last=channels_last) if train else None
+    return Data(tr, val, val.info, _steps(tr.sampler if tr is not None else None, accum_steps), val.num_images)

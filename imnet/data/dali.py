@@ -1,6 +1,6 @@
 """NVIDIA DALI input pipelines for the JPEG datasets (imagenet, tiny_imagenet): `data.loader=dali`.
 
-    loader = build(cfg, dist, "train")        # cfg: the whole Config; dist: imnet.dist.Dist
+    loader = build(cfg.data, dist, "train", seed=cfg.run.seed, channels_last=cfg.model.channels_last)
     loader.sampler.set_epoch(epoch, start_batch)
     for images, labels in loader: ...         # like imnet.data.DeviceLoader
 
@@ -94,13 +94,14 @@ def _check_name(name: str) -> None:
                          f"use data.loader=torch for it")
 
 
-def image_size(cfg) -> int:
-    return cfg.data.image_size or _NATIVE[cfg.data.name]
+def image_size(d) -> int:
+    """S (px) for the data section `d` (cfg.data)."""
+    return d.image_size or _NATIVE[d.name]
 
 
-def dali_info(cfg) -> DatasetInfo:
-    """Classes (class folders / wnids.txt lines), 3 channels, S, ImageNet mean/std; lists no images."""
-    d = cfg.data
+def dali_info(d) -> DatasetInfo:
+    """Classes (class folders / wnids.txt lines), 3 channels, S, ImageNet mean/std of the data section `d`
+    (cfg.data); lists no images."""
     _check_name(d.name)
     if d.name == "imagenet":
         from torchvision.datasets.folder import find_classes
@@ -118,7 +119,7 @@ def dali_info(cfg) -> DatasetInfo:
             tiny_imagenet_files(d.root, "train")  # raises its FileNotFoundError with the layout help
         with open(path, encoding="utf-8") as fh:
             n = sum(1 for line in fh if line.strip())
-    return DatasetInfo(n, 3, image_size(cfg), tf.IMAGENET_MEAN, tf.IMAGENET_STD)
+    return DatasetInfo(n, 3, image_size(d), tf.IMAGENET_MEAN, tf.IMAGENET_STD)
 
 
 def list_files(name: str, root: str, split: str) -> tuple[list[str], list[int]]:
@@ -135,30 +136,29 @@ def list_files(name: str, root: str, split: str) -> tuple[list[str], list[int]]:
 class DaliLoader:
     """Yields `(images, labels)` on `dist.device` from DALI pipelines; see the module docstring.
 
+    d: the data section (cfg.data); seed: run.seed; channels_last: model.channels_last.
     sampler: the torch loader's TrainSampler (train) or None (val); `set_epoch(epoch, start_batch)`.
     last_indices: file indices (into `files`) of the batch yielded last, on the CPU.
     """
 
-    def __init__(self, cfg, dist, split: str, files: list[str], labels: list[int], info: DatasetInfo,
-                 info_only: bool = False):
-        d = cfg.data
+    def __init__(self, d, dist, split: str, files: list[str], labels: list[int], info: DatasetInfo, *,
+                 seed: int, channels_last: bool, info_only: bool = False):
         self.split, self.files, self.info, self.info_only = split, files, info, info_only
         self.name, self.size = d.name, info.image_size
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.device = dist.device
-        self.channels_last = cfg.model.channels_last
+        self.channels_last = channels_last
         self.augment = d.augment and split == "train"
         self.flip = d.hflip != "off"  # data.hflip=auto: imagenet and tiny_imagenet flip
         self.crop_pad = d.crop_pad
         self.hw_decoder_load = d.dali_hw_decoder_load
         self.threads = max(1, d.workers or _DEFAULT_THREADS)
-        self.seed, self.rank, self.world = cfg.run.seed, dist.rank, dist.world
+        self.seed, self.rank, self.world = seed, dist.rank, dist.world
         self.last_indices: Optional[torch.Tensor] = None
         self._active: Optional[Iterator] = None
         if split == "train":
             self.batch = d.batch_size
-            self.sampler: Optional[TrainSampler] = TrainSampler(len(files), dist.rank, dist.world, d.batch_size,
-                                                                cfg.run.seed)
+            self.sampler: Optional[TrainSampler] = TrainSampler(len(files), dist.rank, dist.world, d.batch_size, seed)
             self.mine: list[int] = []
         else:
             self.batch = d.eval_batch_size or 2 * d.batch_size
@@ -324,18 +324,18 @@ def _center(size, S):
     return fn.cast(k + (d - 2 * k) * (k - 2 * (k // 2)), dtype=types.INT32)  # +1 when d is odd and k is odd
 
 
-def build(cfg, dist, split: str, info_only: bool = False) -> DaliLoader:
-    """The DALI loader of one split for this rank; `info_only`: list files, build no pipeline."""
+def build(d, dist, split: str, *, seed: int, channels_last: bool, info_only: bool = False) -> DaliLoader:
+    """The DALI loader of one split of the data section `d` (cfg.data) for this rank; seed: run.seed;
+    channels_last: model.channels_last; `info_only`: list files, build no pipeline."""
     if split not in ("train", "val"):
         raise ValueError(f"unknown split {split!r}; choose train or val")
-    d = cfg.data
     _check_name(d.name)
     files, labels = list_files(d.name, d.root, split)
-    info = dali_info(cfg)
+    info = dali_info(d)
     if not info_only:
         try:
             import nvidia.dali  # noqa: F401  (fail here, at build, rather than at the first batch)
         except ImportError as e:
             raise RuntimeError("data.loader=dali needs NVIDIA DALI: pip install -e \".[dali]\" "
                                f"(nvidia-dali-cuda120); import failed: {e}") from None
-    return DaliLoader(cfg, dist, split, files, labels, info, info_only=info_only)
+    return DaliLoader(d, dist, split, files, labels, info, seed=seed, channels_last=channels_last, info_only=info_only)
