@@ -133,9 +133,10 @@ class Checkpointer:
             if (err := _os_error(e)) is None:
                 raise
             prev = self.latest()
-            raise CheckpointError(f"cannot write checkpoint {os.path.basename(path)} in {self.folder}: {err.strerror or err}; "
-                                  + (f"the previous checkpoint {os.path.basename(prev)} is intact" if prev and prev != path
-                                     else "no earlier checkpoint exists")) from e
+            kept = (f"the previous checkpoint {os.path.basename(prev)} is intact" if prev and prev != path
+                    else "no earlier checkpoint exists")
+            raise CheckpointError(f"cannot write checkpoint {os.path.basename(path)} in {self.folder}: "
+                                  f"{err.strerror or err}; {kept}") from e
         for old in self.saved()[:-self.keep]:
             if old != path:
                 os.unlink(old)
@@ -186,7 +187,7 @@ def remove_file(path: str) -> None:
 def load(path: str, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+    except Exception as e:  # any unpickling failure means the same thing to the user
         raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
 
 

@@ -160,7 +160,7 @@ def report_error(message: str) -> None:
             raise RuntimeError(message)
         except RuntimeError as e:  # raised: torchrun's summary prints the traceback text, which then holds it
             ErrorHandler().record_exception(e)
-    except Exception:  # noqa: BLE001 - the message is on stderr either way
+    except Exception:  # the message is on stderr either way
         pass
 
 

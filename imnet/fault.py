@@ -175,9 +175,13 @@ def trace_collectives(run_dir: str, rank: int) -> None:
 
     folder = os.path.join(run_dir, "collectives")
     os.makedirs(folder, exist_ok=True)
-    log = open(os.path.join(folder, f"rank{rank}.jsonl"), "a", buffering=1)  # noqa: SIM115 - open for the process
+    log = open(os.path.join(folder, f"rank{rank}.jsonl"), "a", buffering=1)  # open for the life of the process
+
+    def tracer(name: str, orig):
+        def traced(*args, **kw):
+            log.write(json.dumps([name, [_describe(a) for a in args]]) + "\n")
+            return orig(*args, **kw)
+        return traced
+
     for name in TRACED:
-        def traced(*args, _orig=getattr(tdist, name), _name=name, **kw):
-            log.write(json.dumps([_name, [_describe(a) for a in args]]) + "\n")
-            return _orig(*args, **kw)
-        setattr(tdist, name, traced)
+        setattr(tdist, name, tracer(name, getattr(tdist, name)))

@@ -132,7 +132,8 @@ class Heartbeat:
         beats = read(self.folder, self.world)
         for _ in range(20):  # a killed process closes its sockets a moment before it is gone: up to 2 s
             dead = [f"{_who(r, b)} is dead (its last report: {_doing(b)} after {b['step']} finished steps)"
-                    for r, b in sorted(beats.items()) if r != self.rank and b["host"] == self.host and not _alive(b["pid"])]
+                    for r, b in sorted(beats.items())
+                    if r != self.rank and b["host"] == self.host and not _alive(b["pid"])]
             if dead:
                 return "; ".join(dead)
             time.sleep(0.1)

@@ -89,7 +89,8 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise SinkError('log.tensorboard=true needs the tensorboard package: pip install -e ".[tensorboard]"') from None
+            raise SinkError('log.tensorboard=true needs the tensorboard package: '
+                            'pip install -e ".[tensorboard]"') from None
         # purge_step=1: TensorBoard hides the events of earlier attempts; Logger.start logs the kept ones again
         self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=1)
 

@@ -111,9 +111,9 @@ def check(state: dict, path: str, new_tree: dict, *, world: int, shapes: dict[st
             + (" and the same training set" if old_gb == global_batch else "") + f", {START_AFRESH}")
     step = state["step"]
     if step > total:
+        length = _describe({k: v for k, v in changed.items() if k in LENGTH}) or "run.epochs, run.max_steps"
         raise ResumeError(f"cannot resume from {path}: it is at step {step}, past this run's last step {total} "
-                          f"({_describe({k: v for k, v in changed.items() if k in LENGTH}) or 'run.epochs, run.max_steps'}); "
-                          f"raise run.epochs or run.max_steps, {START_AFRESH}")
+                          f"({length}); raise run.epochs or run.max_steps, {START_AFRESH}")
     warnings = []
     others = {k: v for k, v in changed.items() if k not in LENGTH}
     if others:

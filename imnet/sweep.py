@@ -86,14 +86,18 @@ def point_name(point: dict) -> str:
     """{"model.norm": "gn", "data.batch_size": 2} -> "norm=gn,batch_size=2" (full keys where short ones clash)."""
     short = [k.rsplit(".", 1)[-1] for k in point]
     keys = [s if short.count(s) == 1 else k for s, k in zip(short, point)]
-    fmt = lambda v: json.dumps(v) if isinstance(v, (bool, list, dict)) or v is None else str(v)  # noqa: E731
+    def fmt(v) -> str:
+        return json.dumps(v) if isinstance(v, (bool, list, dict)) or v is None else str(v)
+
     return ",".join(f"{k}={fmt(v)}".replace(os.sep, "_") for k, v in zip(keys, point.values()))
 
 
 def point_overrides(sweep: Sweep, point: dict, cli: list[str]) -> list[str]:
     """The dotted overrides that make `point` a run of `sweep`: the sweep's `set:`, then the command
     line's keys (they win over `set:`), then the point's values and its run.name."""
-    fmt = lambda items: [f"{k}={json.dumps(v)}" for k, v in items]  # noqa: E731
+    def fmt(items) -> list[str]:
+        return [f"{k}={json.dumps(v)}" for k, v in items]
+
     return fmt(sweep.fixed.items()) + list(cli) + fmt(point.items()) + \
         [f"run.name={json.dumps(sweep.name + '/' + point_name(point))}"]
 

@@ -41,7 +41,8 @@ import submitit
 from imnet import config
 from imnet.sweep import load_sweep, point_name, resolve_points
 
-NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*")  # partition, account, qos (fullmatch: `$` lets "gpu\n" through)
+# partition, account, qos; used with fullmatch (`$` would let "gpu\n" through)
+NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*")
 SLURM_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9]")  # sbatch's long option names
 # --slurm keys that have an option here: `--slurm account=lab` is `--account lab`
 SLURM_ALIASES = ("partition", "account", "qos", "constraint", "mem", "time", "job-name")
@@ -178,14 +179,17 @@ def parse(argv):
             p.error(msg)
     check(a.nodes >= 1, f"--nodes must be at least 1 (got {a.nodes})")
     check(a.gpus_per_node >= 0, f"--gpus-per-node must be 0 or more (got {a.gpus_per_node})")
-    check(a.tasks_per_node is None or a.tasks_per_node >= 1, f"--tasks-per-node must be at least 1 (got {a.tasks_per_node})")
+    check(a.tasks_per_node is None or a.tasks_per_node >= 1,
+          f"--tasks-per-node must be at least 1 (got {a.tasks_per_node})")
     check(not (a.gpus_per_node and a.tasks_per_node not in (None, a.gpus_per_node)),
           f"--tasks-per-node {a.tasks_per_node} with --gpus-per-node {a.gpus_per_node}: one task per GPU")
-    check(a.cpus_per_task is None or a.cpus_per_task >= 1, f"--cpus-per-task must be at least 1 (got {a.cpus_per_task})")
+    check(a.cpus_per_task is None or a.cpus_per_task >= 1,
+          f"--cpus-per-task must be at least 1 (got {a.cpus_per_task})")
     check(a.max_requeues >= 0, f"--max-requeues must be 0 or more (got {a.max_requeues})")
     for opt in ("partition", "account", "qos"):
         v = getattr(a, opt)
-        check(v is None or NAME_RE.fullmatch(v), f"--{opt} {v!r}: use letters, digits, '_', '.', '-' (several: comma-separated)")
+        check(v is None or NAME_RE.fullmatch(v),
+              f"--{opt} {v!r}: use letters, digits, '_', '.', '-' (several: comma-separated)")
     check(a.mem is None or re.fullmatch(r"\d+[KMGT]?", a.mem), f"--mem {a.mem!r}: expected a size such as 64G or 4000M")
     for opt in ("constraint", "job_name", "folder"):  # --folder: the #SBATCH --output/--error paths
         v = getattr(a, opt)
@@ -228,7 +232,8 @@ def slurm_options(a, p) -> dict:
     for item in a.slurm:
         key, eq, value = item.partition("=")
         if not SLURM_KEY_RE.fullmatch(key):
-            hint = f" (sbatch spells it {key.replace('_', '-')})" if SLURM_KEY_RE.fullmatch(key.replace("_", "-")) else ""
+            dashed = key.replace("_", "-")
+            hint = f" (sbatch spells it {dashed})" if SLURM_KEY_RE.fullmatch(dashed) else ""
             p.error(f"--slurm {item!r}: expected KEY=VALUE (or KEY alone, a flag) with KEY an sbatch long option "
                     f"name (letters, digits, '-'), e.g. mail-type=END{hint}")
         if (eq and not value) or config.CONTROL_RE.search(value):
@@ -285,7 +290,7 @@ def world_change(tree: dict, a) -> str | None:
         return None
     try:  # mmap: only the small entries are read
         old = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("world")
-    except Exception as e:  # noqa: BLE001 - the run would fail on it the same way
+    except Exception as e:  # the run would fail on it the same way
         return f"{run_dir} would resume from {path}, which cannot be read: {type(e).__name__}: {e}"
     if old in (None, a.nodes * a.tasks):
         return None

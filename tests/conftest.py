@@ -81,6 +81,11 @@ def train_steps(run_dir) -> list[int]:
     return [r["step"] for r in metrics(run_dir) if r["split"] == "train"]
 
 
+def trajectory(run_dir) -> list[tuple[int, float]]:
+    """(step, loss) of the run's train records, in file order: equal lists mean one trajectory, none twice."""
+    return [(r["step"], r["loss"]) for r in metrics(run_dir) if r["split"] == "train"]
+
+
 def train_losses(run_dir) -> dict[int, float]:
     """step -> loss of the run's train records."""
     return {r["step"]: r["loss"] for r in metrics(run_dir) if r["split"] == "train"}
@@ -153,7 +158,7 @@ def shifted_crops(img: torch.Tensor, pad: int) -> list[torch.Tensor]:
     """Every crop a `pad`-pixel zero-padded random crop can produce from a (C, H, W) image."""
     _, h, w = img.shape
     padded = F.pad(img, (pad, pad, pad, pad))
-    return [padded[:, t : t + h, l : l + w] for t in range(2 * pad + 1) for l in range(2 * pad + 1)]
+    return [padded[:, t : t + h, left : left + w] for t in range(2 * pad + 1) for left in range(2 * pad + 1)]
 
 
 def contains(candidates: list[torch.Tensor], x: torch.Tensor) -> bool:

@@ -156,6 +156,7 @@ def test_resume_and_evaluate_skip_a_damaged_newest_checkpoint(tmp_path, capsys):
     and ends with the weights of the undamaged run; evaluate of the folder, which has no `latest`, takes
     the same file; evaluate of the damaged file itself is refused."""
     from conftest import cfg_for, fit, run, single
+
     from imnet import evaluate
 
     common = ["run.max_steps=8", "ckpt.every_steps=2", "ckpt.keep=5"]
@@ -172,8 +173,8 @@ def test_resume_and_evaluate_skip_a_damaged_newest_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     fit(cfg_for(tmp_path, "cut", *common))
     out, err = capsys.readouterr()
-    assert (f"warning: checkpoint {ck}/ckpt_00000008.pt: its bytes do not match its checksum (ckpt_00000008.pt.sha256); "
-            "set aside as ckpt_00000008.pt.bad, trying the one before") in err
+    assert (f"warning: checkpoint {ck}/ckpt_00000008.pt: its bytes do not match its checksum "
+            "(ckpt_00000008.pt.sha256); set aside as ckpt_00000008.pt.bad, trying the one before") in err
     assert f"resumed from {ck}/ckpt_00000006.pt at step 6 " in out
     again = checkpoint.load(str(ck / "ckpt_00000008.pt"))
     assert all(torch.equal(v, whole["model"][k]) for k, v in again["model"].items())

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from imnet import config, sweep
 from imnet.config import ConfigError
@@ -71,7 +72,7 @@ def test_missing_config_file():
 
 def test_frozen():
     cfg = config.load()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.data.batch_size = 3
 
 

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-
 from conftest import metrics, run, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

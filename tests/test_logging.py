@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, child_env, isolated, kill_tree, metrics, run, single, torchrun
+
 from imnet import log, wandb_file
 
 TRAIN_KEYS = {"train/loss", "train/top1", "train/lr", "train/img_per_s", "train/data_wait", "train/skipped"}
@@ -96,7 +96,8 @@ def test_offline_run_reads_back_with_keys_step_metric_config_and_summary(tmp_pat
     val = [r for r in jsonl if r["split"] == "val"]
     ips = sorted(r["img_per_s"] for r in jsonl if r["split"] == "train")
     s = summary(path)
-    assert s["val/final_top1"] == pytest.approx(val[-1]["top1"]) and s["val/final_top5"] == pytest.approx(val[-1]["top5"])
+    assert s["val/final_top1"] == pytest.approx(val[-1]["top1"])
+    assert s["val/final_top5"] == pytest.approx(val[-1]["top5"])
     assert s["val/best_top1"] == pytest.approx(max(r["top1"] for r in val))
     assert s["train/median_img_per_s"] == pytest.approx(ips[len(ips) // 2] if len(ips) % 2 else
                                                         (ips[len(ips) // 2 - 1] + ips[len(ips) // 2]) / 2)
@@ -126,7 +127,8 @@ def test_offline_run_opens_no_network_socket(tmp_path, small_run):
     domains = {m.group(1) for line in lines if (m := re.search(r"socket\((AF_\w+)", line))}
     assert "AF_UNIX" in domains and domains <= {"AF_UNIX", "AF_NETLINK"}, domains
     connects = [line for line in lines if " connect(" in line]
-    assert connects and all("sa_family=AF_UNIX" in line for line in connects), [c for c in connects if "AF_UNIX" not in c]
+    assert connects and all("sa_family=AF_UNIX" in line for line in connects), \
+        [c for c in connects if "AF_UNIX" not in c]
 
 
 def test_online_without_credentials_is_a_clear_error_at_start(tmp_path, small_run):

@@ -70,8 +70,8 @@ def test_report_of_a_sweep_folder(runs, tmp_path):
     out = os.path.join(sweep, "report")
     with open(os.path.join(out, "table.md"), encoding="utf-8") as fh:
         table = fh.read()
-    assert p.stdout == table + "\nwrote " + ", ".join(os.path.join(out, n) for n in
-                                                    ("table.md", "summary.csv", "curves.png", "error_vs_batch.png")) + "\n"
+    written = ("table.md", "summary.csv", "curves.png", "error_vs_batch.png")
+    assert p.stdout == table + "\nwrote " + ", ".join(os.path.join(out, n) for n in written) + "\n"
     err = {i: 100 * (1 - final_top1(f[i])) for i in range(5)}
     assert cells(table) == {
         ("bn", 4): f"{err[4]:.1f} (n=1)", ("bn", 2): "—",
@@ -86,7 +86,8 @@ def test_report_of_a_sweep_folder(runs, tmp_path):
     with open(os.path.join(out, "summary.csv"), encoding="utf-8") as fh:
         rows = {(r["norm"], int(r["images_per_gpu"])): r for r in csv.DictReader(fh)}
     top = {i: final_top1(f[i]) for i in range(5)}
-    top5 = {i: max((r for r in metrics(f[i]) if r["split"] == "val"), key=lambda r: r["step"])["top5"] for i in range(5)}
+    top5 = {i: max((r for r in metrics(f[i]) if r["split"] == "val"), key=lambda r: r["step"])["top5"]
+            for i in range(5)}
     assert rows[("gn", 4)] == {
         "norm": "gn", "images_per_gpu": "4", "runs": "2", "finished": "2",
         "val_error_mean": f"{statistics.mean([err[0], err[1]]):.4f}",
@@ -121,7 +122,8 @@ def test_collect_a_run_folder_and_folders_given_twice(runs):
     both = report.collect([runs["sweep"], f[2], f[2] + "/"])  # the same folder by other paths: counted once
     assert len(both) == 5
     unfinished = next(r for r in both if r.seed == 1 and r.batch == 2)
-    assert not unfinished.done and unfinished.result is None and unfinished.final_val["step"] == 128 // 2  # its first epoch
+    assert not unfinished.done and unfinished.result is None
+    assert unfinished.final_val["step"] == 128 // 2  # its first epoch
     assert [(c.norm, c.batch, len(c.runs)) for c in report.summarize(both)] == \
         [("bn", 4, 1), ("bn", 2, 0), ("gn", 4, 2), ("gn", 2, 2)]
 
@@ -175,7 +177,8 @@ def test_bad_input_is_a_one_line_error(case, runs, tmp_path):
         d, msg = f"{d} {d}", "--out is needed with several DIRs"
     p = run(single("imnet.report", *d.split(" ")), check=False)
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.splitlines() == ["usage: imnet.report [-h] [--out OUT] DIR [DIR ...]", f"imnet.report: error: {msg}"]
+    assert p.stderr.splitlines() == ["usage: imnet.report [-h] [--out OUT] DIR [DIR ...]",
+                                     f"imnet.report: error: {msg}"]
 
 
 def test_without_matplotlib_a_one_line_error_and_nothing_written(runs, tmp_path):

@@ -23,7 +23,6 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, child_env, isolated, metrics, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -305,7 +304,8 @@ def test_passed_through_options_and_wait_progress(cluster, workdir):
         assert field in info, (field, info)
 
     sweep = workdir / "progress.yaml"
-    sweep.write_text(yaml.safe_dump({"base": str(workdir / "tiny.yaml"), "grid": {"data.name": ["synthetic", "cifar10"]}}))
+    sweep.write_text(yaml.safe_dump({"base": str(workdir / "tiny.yaml"),
+                                     "grid": {"data.name": ["synthetic", "cifar10"]}}))
     p = subprocess.Popen(cluster.ns(*SUBMIT, "--sweep", str(sweep), "--nodes", "1", *CPU_TASKS, "--slurm",
                                     f"dependency=afterok:{held}", "--no-data-check", "--wait", "--poll", "0.5",
                                     f"data.root={workdir}/no-data", "run.max_steps=2"),
@@ -352,7 +352,8 @@ def test_wait_reports_a_job_slurm_will_not_start(cluster, workdir):
             assert line, (head, p.communicate())
             head += line
         jid = job_id(head)
-        assert re.search(PROGRESS.format(f"job {jid}"), head, re.MULTILINE).group(1) == "0 running, 0 done, 0 failed, 1 pending"
+        progress = re.search(PROGRESS.format(f"job {jid}"), head, re.MULTILINE).group(1)
+        assert progress == "0 running, 0 done, 0 failed, 1 pending"
         assert head.endswith(f"] job {jid} pending with reason PartitionConfig: Slurm will not start it as submitted "
                              f"(scontrol show job {jid} says what it asks for; scancel {jid})\n"), head
         cluster.run("scancel", jid)
@@ -441,8 +442,9 @@ def test_local_executor_runs_two_ranks_without_slurm(tmp_path, no_slurm, workdir
                                   "trying the one before\n") in p.stderr, p.stderr
     assert bad.exists()
     p = run([*again, *CPU_TASKS, "run.name=bad2", f"ckpt.resume={bad}", "--dry-run"], env=no_slurm, check=False)
-    assert p.returncode == 2 and (f"error: nothing submitted:\n  {tmp_path}/bad2 would resume from {bad}, which "
-                                  f"cannot be used: {bad}: unreadable (BadZipFile: File is not a zip file)") in p.stderr, p.stderr
+    assert p.returncode == 2, p.stderr
+    assert (f"error: nothing submitted:\n  {tmp_path}/bad2 would resume from {bad}, which "
+            f"cannot be used: {bad}: unreadable (BadZipFile: File is not a zip file)") in p.stderr, p.stderr
 
 
 def test_dry_run_prints_the_sbatch_script_without_slurm(tmp_path, no_slurm, workdir):
@@ -595,8 +597,8 @@ def data_cases(root):
         ("imagenet", [f"{root}/train/n01440764/a.JPEG"], f"dataset 'imagenet' not found: missing {root}/val. "
                                                          + imagenet_help),
         ("tiny_imagenet", [f"{root}/wnids.txt", f"{root}/train/n01443537/images/a.JPEG"],
-         f"dataset 'tiny_imagenet' not found: missing {root}/val/val_annotations.txt. Download {TINY_URL} and unzip it; "
-         + "data.root is its tiny-imagenet-200 folder.\n"),
+         f"dataset 'tiny_imagenet' not found: missing {root}/val/val_annotations.txt. Download {TINY_URL} and "
+         + "unzip it; data.root is its tiny-imagenet-200 folder.\n"),
         ("h5", [f"{root}/train.h5"], f"dataset 'h5' not found: missing {root}/val.h5. {h5_help}"),
         ("h5", [f"{root}/train/data.hy", f"{root}/val/id.txt"],
          f"dataset 'h5' not found: missing {root}/train/id.txt, {root}/val/data.hdf5. {h5_help}"),

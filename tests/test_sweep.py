@@ -9,14 +9,17 @@ import time
 
 import pytest
 import yaml
-
 from conftest import ROOT, child_env, isolated, kill_tree, metrics, run, single
+
 from imnet import schedule, sweep
 
 SWEEP = ["-m", "imnet.sweep"]
 
 
-def write_sweep(tmp_path, grid, name="s4", base=os.path.join(ROOT, "configs", "digits_gn.yaml")):
+DIGITS_GN = os.path.join(ROOT, "configs", "digits_gn.yaml")
+
+
+def write_sweep(tmp_path, grid, name="s4", base=DIGITS_GN):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, "base": base, "grid": grid}, sort_keys=False))
     return str(path)

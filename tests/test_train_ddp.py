@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, child_env, final_checkpoint, kill_tree, max_diff, metrics, run, single, torchrun
+from conftest import ROOT, child_env, final_checkpoint, kill_tree, max_diff, metrics, run, single, torchrun, trajectory
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -62,9 +62,7 @@ def test_sigkill_mid_epoch_resumes_on_the_same_trajectory(tmp_path, small_run):
         assert torch.equal(v, cut["model"][k]), k
     for k, v in ref["optimizer"]["state"].items():
         assert torch.equal(v["momentum_buffer"], cut["optimizer"]["state"][k]["momentum_buffer"])
-    lr = [(r["step"], r["loss"]) for r in metrics(ref_dir) if r["split"] == "train"]
-    lc = [(r["step"], r["loss"]) for r in metrics(cut_dir) if r["split"] == "train"]
-    assert lc == lr  # exact: same losses, same steps, none twice, none missing
+    assert trajectory(cut_dir) == trajectory(ref_dir)  # exact: same losses, same steps, none twice, none missing
 
 
 def test_evaluate_cli_counts_every_image_once(tmp_path, small_run):
