@@ -24,17 +24,16 @@ torch loader's `TrainSampler` (a full shuffle drawn from (run.seed, epoch); n //
 every rank; rank r takes every w-th image of the first n // (w * b) * w * b; the dropped tail changes
 every epoch). Each epoch builds a fresh pipeline whose reader reads exactly this rank's list in
 order (not DALI's `random_shuffle` + `shard_id`: that draws from a prefetch buffer of `initial_fill`
-samples, and the stream it makes has no epoch boundary: measured on 2.4, a 15-image shard repeated
-an image within its first 16 draws) and whose random ops are seeded from
-(run.seed, epoch, rank). DALI's random ops draw per sample slot of the batch, so the augmentation of
-a batch is a function of that seed and the batch's position in the epoch, independent of
-`num_threads`.
+samples, and the stream it makes has no epoch boundary, so an image can repeat before the shard is
+done) and whose random ops are seeded from (run.seed, epoch, rank). DALI's random ops draw per
+sample slot of the batch, so the augmentation of a batch is a function of that seed and the batch's
+position in the epoch, independent of `num_threads`.
 
 Resume: `sampler.set_epoch(epoch, start_batch=k)` rebuilds epoch `epoch` from its seed and runs
 its first k batches through the pipeline without yielding them (the decoding cost of k batches), so
 the batches after k are bit-identical to an uninterrupted epoch: same files, same crops, same flips
-(tested on the CPU pipeline; with the GPU decoder the files, crop windows and flips are the same by
-the same construction, pixel bit-identity is not tested here). DALI's own checkpointing
+(pixels included on the CPU pipeline; with the GPU decoder the files, crop windows and flips are the
+same by the same construction). DALI's own checkpointing
 (`enable_checkpointing`) is not used: it needs the serialized pipeline state stored in the training
 checkpoint, which keeps only (epoch, batch). Iterating the loader again without `set_epoch` starts
 the next epoch.
@@ -62,10 +61,10 @@ ImageNet ones x 255 because DALI works on 0..255 pixels):
   upsampling (jpeg_fancy_upsampling=True) as PIL does.
 
 Parity with the torch loader (val recipe, CPU decoder, the same JPEGs): every pixel within one
-0..255 level (the two resamplers round differently), mean |difference| 0.002-0.003 in normalized
-units; DALI's usual `resize_shorter` + `crop_mirror_normalize(crop_pos 0.5)` gives 0.05-0.18, as its
-long-side rounding and centre offset differ from torchvision's by a pixel. The numbers per option
-are in tests/test_dali.py::test_val_parity_with_the_torch_loader.
+0..255 level (the two resamplers round differently); DALI's usual `resize_shorter` +
+`crop_mirror_normalize(crop_pos 0.5)` is much further off, as its long-side rounding and centre
+offset differ from torchvision's by a pixel. The numbers per option are in
+tests/test_dali.py::test_val_parity_with_the_torch_loader.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ one 1, the rest 0), next to `id.txt` listing the sample ids one per line (blank 
 folder, `root/data.hdf5` + `root/id.txt` is split by a fixed hash of each id string (blake2b, keyed,
 independent of the run seed and of the order of id.txt): the round(N / 10) ids with the smallest hash
 (at least 1 when N >= 2) are val, the others train, each part in id.txt order. Labels are read for
-every id when the dataset is built (one small read per id: about a minute per million samples).
+every id when the dataset is built (one small read per id).
 
 Which layout: the fast one whenever `root/train.h5` exists.
 num_classes: the `num_classes` attribute (of train.h5, or of the old layout's train data file), else
@@ -129,7 +129,7 @@ class _Reader:
 
     labels: np.ndarray
     shape: tuple[int, int, int]
-    NODE = "/"  # the object image() reads from: looked up once per process (a lookup costs ~0.3 ms)
+    NODE = "/"  # the object image() reads from: looked up once per process, not at every read
 
     def __init__(self, path: str):
         self.path, self._h5, self._node, self._pid = path, None, None, None

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 
 @contextlib.contextmanager
 def _one_thread(device: torch.device):
-    """On the CPU, build a batch on one thread: the ops are small (about 1 MB for 64 CIFAR images),
-    and with intra-op threads on a busy 2-core machine a batch took 15-20 ms instead of 1 ms
-    (threads wait for each other at every op). A no-op on the GPU."""
+    """On the CPU, build a batch on one thread: the ops are small, and intra-op threads wait for each
+    other at every op, which on a busy machine costs more than the ops. A no-op on the GPU."""
     if device.type != "cpu":
         yield
         return
@@ -76,9 +75,8 @@ class ResidentLoader:
     def _augment(self, x: torch.Tensor, flip: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W): random crop of the zero-padded image + flip. The padded batch is
         viewed as overlapping rows of W bytes (a row may start at any byte), so the crop is ONE
-        index_select of B*C*H rows; the flip picks each sample from the batch or its mirror first.
-        On one CPU thread, 64 CIFAR images: about 0.3 ms (one index_select of every byte, with its
-        index built per batch, took 0.7 ms)."""
+        index_select of B*C*H rows (cheaper than a gather of every byte, whose index would be built per
+        batch); the flip picks each sample from the batch or its mirror first."""
         b, c, h, w = x.shape
         p = self.pad
         if self.flip:
