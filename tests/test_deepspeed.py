@@ -6,7 +6,8 @@ DeepSpeed folder it names, `latest`, plus an orphan DeepSpeed folder of a save t
 runs the same command on it: it must resume from step 4 and end bit-identical to the reference (losses,
 weights, every tensor of DeepSpeed's optimizer shards), with the orphan and old checkpoints pruned.
 Settings exercise accumulation (2 micro-batches) and clipping (0.5, active: see the DDP control).
-DeepSpeed's first run on a machine JIT-compiles a communication op (~25 s, cached in TORCH_EXTENSIONS_DIR).
+DeepSpeed's first run on a machine JIT-compiles a communication op (cached in TORCH_EXTENSIONS_DIR), so
+the first test takes longer.
 """
 
 import json
