@@ -168,6 +168,17 @@ def test_the_arithmetic_tables_are_the_real_models(arch):
         assert (arch_table.norm_maps(arch, size), arch_table.pooled_norms(arch, size)) == want, size
 
 
+def test_the_resnet50_table_gives_the_kernel_shapes():
+    """What precompile and the kernel benchmarks need, without building ResNet-50 (nor importing models)."""
+    from collections import Counter
+
+    from imnet.models.resnet import resnet50_norm_shapes
+
+    for size in (32, 224):
+        shapes = Counter(m[1:] for m in arch_table.norm_maps("resnet50", size))
+        assert dict(sorted(shapes.items())) == resnet50_norm_shapes(size)
+
+
 def test_gn_groups_must_divide_every_width():
     with pytest.raises(ValueError, match="16 channels.*32 groups"):
         models.build("resnet20", num_classes=10, norm="gn", norm_kwargs={"groups": 32})
