@@ -25,7 +25,7 @@ def gpu_head(with_tuning: bool = True, tune: str | None = None) -> str:
     import torch
     import triton
 
-    from imnet.kernels.group_norm import tuning
+    from imnet.kernels.gn.plan import tuning
 
     tune = str(tuning()) if tune is None else tune
     tune = f", IMNET_GN_TUNE={tune}" if with_tuning and tune else ""

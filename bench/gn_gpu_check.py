@@ -34,35 +34,37 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from imnet.kernels.common import Act
+
 OUT_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 PARAM_BOUND = 1e-4
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-EPILOGUES = {"plain": (None, False), "relu": ("relu", False), "residual": ("relu", True)}
+EPILOGUES = {"plain": (Act.NONE, False), "relu": (Act.RELU, False), "residual": (Act.RELU, True)}
 
 
 def check(n, c, h, w, dtype, epilogue, gen, rows_per_chunk=None, groups=32) -> dict:
-    from imnet.kernels import group_norm as gnk
     from imnet.kernels import reference
+    from imnet.kernels.gn import ops, plan
 
     act, residual = EPILOGUES[epilogue]
     cl = torch.channels_last
     # A first call on other data goes through Triton's JIT, which compiles (or loads) the kernels, and
     # records them; the checked call below starts them directly, as every training step after the
-    # first does (group_norm._Replay). Its fresh inputs would show a launch with stale arguments.
+    # first does (imnet.kernels.gn.launch.Replay). Its fresh inputs would show a launch with stale arguments.
     first = [t.requires_grad_() for t in reference.random_inputs(n, c, h, w, dtype, gen, residual) if t is not None]
     first_dy = first.pop(3)
-    y = gnk.group_norm(first[0], groups, first[1], first[2], 1e-5, act=act,
+    y = ops.group_norm(first[0], groups, first[1], first[2], 1e-5, act=act,
                        residual=first[3] if residual else None, rows_per_chunk=rows_per_chunk)
     torch.autograd.grad(y, first, first_dy.detach())
     x, weight, bias, dy, r = reference.random_inputs(n, c, h, w, dtype, gen, residual)
     ties = 0
     raw_dx = None
-    if act == "relu":  # dy = 0 where float32 rounding decides relu'(v) (reference.relu_ties)
+    if act == Act.RELU:  # dy = 0 where float32 rounding decides relu'(v) (reference.relu_ties)
         tie = reference.relu_ties(x, weight, bias, groups, 1e-5, r)
         ties = int(tie.sum())
         raw_dy, dy = dy, dy.masked_fill(tie, 0)
     ins = [t.requires_grad_() for t in (x, weight, bias, r) if t is not None]
-    y = gnk.group_norm(ins[0], groups, ins[1], ins[2], 1e-5, act=act, residual=ins[3] if residual else None,
+    y = ops.group_norm(ins[0], groups, ins[1], ins[2], 1e-5, act=act, residual=ins[3] if residual else None,
                        rows_per_chunk=rows_per_chunk)
     if ties:  # what the untouched dy gives, for the table only
         raw_grads = torch.autograd.grad(y, ins, raw_dy, retain_graph=True)
@@ -78,7 +80,7 @@ def check(n, c, h, w, dtype, epilogue, gen, rows_per_chunk=None, groups=32) -> d
         bound = PARAM_BOUND if name in ("dgamma", "dbeta") else OUT_BOUND[dtype]
         if not e <= bound:
             problems.append(f"{name} {e:.1e} > {bound:.0e}")
-    p = gnk.plan(n, c, h * w, groups, gnk._sm_count(x.device), rows_per_chunk)
+    p = plan.plan(n, c, h * w, groups, ops.sm_count(x.device), rows_per_chunk)
     return {"errs": errs, "problems": problems, "chunks": "local" if p.local else p.chunks, "ties": ties,
             "raw_dx": raw_dx}
 
@@ -86,7 +88,7 @@ def check(n, c, h, w, dtype, epilogue, gen, rows_per_chunk=None, groups=32) -> d
 def check_module_under_autocast(gen, dev="cuda") -> list[str]:
     from imnet.kernels import ChannelsLastGroupNorm, reference
 
-    m = ChannelsLastGroupNorm(32, 256, act="relu", any_gpu=True).to(dev)
+    m = ChannelsLastGroupNorm(32, 256, act=Act.RELU, any_gpu=True).to(dev)
     x = (3 * torch.randn(2, 256, 14, 14, device=dev, generator=gen) + 5).to(torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(dev, dtype=torch.bfloat16):
@@ -108,8 +110,8 @@ def check_compiled(gen, dev="cuda") -> list[str]:
     from imnet.kernels import ChannelsLastGroupNorm
 
     torch.manual_seed(1)
-    gn1 = ChannelsLastGroupNorm(32, 256, act="relu", any_gpu=True).to(dev)
-    gn2 = ChannelsLastGroupNorm(32, 256, act="relu", any_gpu=True).to(dev)
+    gn1 = ChannelsLastGroupNorm(32, 256, act=Act.RELU, any_gpu=True).to(dev)
+    gn2 = ChannelsLastGroupNorm(32, 256, act=Act.RELU, any_gpu=True).to(dev)
 
     def f(x, r):
         return gn2(gn1(x), r)
@@ -184,7 +186,7 @@ def main() -> int:
 
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)"
-    from imnet.kernels.group_norm import tuning
+    from imnet.kernels.gn.plan import tuning
 
     print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}, IMNET_GN_TUNE={tuning()}")
     print("| N | C | HxW | dtype | epilogue | chunks | y | dx | dgamma | dbeta | dres | ReLU ties | dx, dy kept at ties "

@@ -16,7 +16,7 @@ Each layer is the modules the model calls (forward, then torch.autograd.grad for
           Here it runs torch's CPU kernels on the tiny tensors, so its time is dispatch plus a little
           arithmetic, not cuDNN's host path (not measured here).
   native  nn.GroupNorm(32) then nn.ReLU(inplace=True) (2 kernels + 2 for backward on a GPU)
-  imnet   ChannelsLastGroupNorm(32, act="relu"): the module's dispatch (kernel_applies takes its CPU
+  imnet   ChannelsLastGroupNorm(32, act=Act.RELU): the module's dispatch (kernel_applies takes its CPU
           branch here, the environment read replaced by True), the autograd Function, 3 Triton
           launches forward, 2 or 3 backward (the combine launch also sums dgamma, dbeta); with
           IMNET_GN_TUNE=local=16 (this tiny layer then takes the local kernels) 1 forward, 2 backward
@@ -54,18 +54,18 @@ def main() -> int:
     from triton.runtime import driver
 
     import imnet.kernels
-    from imnet.kernels import ChannelsLastGroupNorm
+    from imnet.kernels import Act, ChannelsLastGroupNorm
     from imnet.kernels.precompile import DryRunDriver
 
     driver.set_active(DryRunDriver(90))
-    imnet.kernels._interpret = lambda: True  # kernel_applies: CPU tensors go to the (dry-run) kernels
+    imnet.kernels.interpreting = lambda: True  # kernel_applies: CPU tensors go to the (dry-run) kernels
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.randn(1, 64, 2, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
     dy = torch.randn(1, 64, 2, 2).contiguous(memory_format=torch.channels_last)
     layers = {"bn": nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(inplace=True)),
               "native": nn.Sequential(nn.GroupNorm(32, 64), nn.ReLU(inplace=True)),
-              "imnet": ChannelsLastGroupNorm(32, 64, act="relu")}
+              "imnet": ChannelsLastGroupNorm(32, 64, act=Act.RELU)}
 
     def method(layer):
         inputs = (x, layer.weight if hasattr(layer, "weight") else layer[0].weight,
@@ -84,7 +84,7 @@ def main() -> int:
                 f()
             times[name].append((time.perf_counter() - t0) / a.iters * 1e6)
     us = {k: statistics.median(v) for k, v in times.items()}
-    from imnet.kernels.group_norm import plan, tuning
+    from imnet.kernels.gn.plan import plan, tuning
 
     tune = f", IMNET_GN_TUNE={tuning()} ({'local kernels' if plan(1, 64, 4, 32, 1).local else 'split plan'})" \
         if str(tuning()) else ""

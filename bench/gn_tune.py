@@ -40,15 +40,15 @@ ROUND1 = ("", "local=16", "local=16,tile=16384", "local=32", "local=64",
 
 def merge(configs: list[str]) -> str:
     """One IMNET_GN_TUNE string with the knob settings of all `configs` (the first one wins a conflict)."""
-    from imnet.kernels import group_norm as gnk
+    from imnet.kernels.gn.plan import Tuning, parse_tuning
 
     knobs: dict = {}
     for cfg in configs:
-        t = gnk.parse_tuning(cfg)
+        t = parse_tuning(cfg)
         for name, value in vars(t).items():
-            if value != getattr(gnk.Tuning(), name):
+            if value != getattr(Tuning(), name):
                 knobs.setdefault(name, value)
-    return str(gnk.Tuning(**knobs))
+    return str(Tuning(**knobs))
 
 
 def score(res: dict) -> float:
@@ -94,13 +94,14 @@ def main() -> int:
     p.add_argument("--env-out", help="write IMNET_GN_TUNE=<winner> to this file")
     p.add_argument("--write", action="store_true", help=f"append the rows to BENCHMARKS.md below {MARKER}")
     args = p.parse_args()
-    from imnet.kernels import group_norm as gnk
+    from imnet.kernels.gn import plan
 
-    configs = [str(gnk.parse_tuning(c)) for c in args.configs]  # a typo fails here, before any GPU work
+    configs = [str(plan.parse_tuning(c)) for c in args.configs]  # a typo fails here, before any GPU work
     if not torch.cuda.is_available():
         print("gn_tune: needs a CUDA GPU", file=sys.stderr)
         return 2
     from imnet.kernels import precompile
+    from imnet.kernels.common import Act
     from imnet.models.resnet import resnet50_norm_shapes
     from norm_kernels import make_step, time_methods
 
@@ -118,13 +119,13 @@ def main() -> int:
             dy = torch.randn(n, c, h, w, device="cuda", generator=gen).to(torch.bfloat16)
             inputs[n, c, h, w] = (x.contiguous(memory_format=cl).requires_grad_(), dy.contiguous(memory_format=cl))
     head = gpu_head(with_tuning=False)  # each row names its own configuration
-    base = gnk.tuning()
+    base = plan.tuning()
     pool = precompile.make_pool(args.jobs)
 
     def measure(cfg: str) -> dict:
-        gnk.set_tuning(gnk.parse_tuning(cfg))
+        plan.set_tuning(plan.parse_tuning(cfg))
         tc = time.perf_counter()
-        launches = precompile.record(list(shapes), args.batches, [torch.bfloat16], sms, acts=("relu",))
+        launches = precompile.record(list(shapes), args.batches, [torch.bfloat16], sms, acts=(Act.RELU,))
         precompile.compile_all(launches, arch, args.jobs, pool=pool)
         compile_s = time.perf_counter() - tc
         res = {}
@@ -148,7 +149,7 @@ def main() -> int:
         results = tune(configs, measure, lambda: args.budget - (time.perf_counter() - t0))
     finally:
         pool.close()
-        gnk.set_tuning(base)
+        plan.set_tuning(base)
     if not results:
         print("gn_tune: no configuration was measured", file=sys.stderr)
         return 1

@@ -69,7 +69,7 @@ step precompile_256 60 $PY -m imnet.kernels.precompile --batches 256 --dtypes bf
 step gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32
 check_rc=$?
 step rn50_throughput 170 $PY bench/rn50_throughput.py --batches 256 32 --write
-LOCALS=(local=16 local=16,tile=16384)   # the local plans timed below (group_norm.py's docstring)
+LOCALS=(local=16 local=16,tile=16384)   # the local plans timed below (imnet/kernels/gn/kernels.py's docstring)
 LOCAL=(env IMNET_GN_TUNE="${LOCALS[0]}")
 # `bash -c "$EACH_LOCAL" _ COMMAND...`: COMMAND under each of them; exit status: the first failure's
 export LOCAL_PLANS="${LOCALS[*]}"

@@ -70,14 +70,14 @@ def copy_bandwidth(gib: float = 1.0, iters: int = 20) -> float:
 
 
 def make_step(method: str, c: int, epilogue: str, x, r, dy):
-    from imnet.kernels import ChannelsLastGroupNorm
+    from imnet.kernels import Act, ChannelsLastGroupNorm
 
     if method == "bn":
         m = nn.BatchNorm2d(c)
     elif method in ("gn", "gn_compile"):
         m = nn.GroupNorm(32, c)
     else:
-        m = ChannelsLastGroupNorm(32, c, act=None if epilogue == "none" else "relu", any_gpu=True)
+        m = ChannelsLastGroupNorm(32, c, act=Act.NONE if epilogue == "none" else Act.RELU, any_gpu=True)
     m = m.cuda().to(memory_format=torch.channels_last)
     fused = method == "imnet"
 
@@ -120,19 +120,19 @@ def time_methods(steps: dict, iters: int, repeats: int, cuda_graph: bool, tunes:
     `tunes` {method: IMNET_GN_TUNE string}: the launch plan to capture that method's steps under."""
     if not cuda_graph:
         return time_steps(steps, iters, repeats)
-    from imnet.kernels import group_norm as gnk
+    from imnet.kernels.gn import plan
 
     graphs = {}
     for m, step in steps.items():
         if m not in (tunes or {}):
             graphs[m] = graphed(step, iters)
             continue
-        saved = gnk.tuning()
-        gnk.set_tuning(gnk.parse_tuning(tunes[m]))
+        saved = plan.tuning()
+        plan.set_tuning(plan.parse_tuning(tunes[m]))
         try:
             graphs[m] = graphed(step, iters)
         finally:
-            gnk.set_tuning(saved)
+            plan.set_tuning(saved)
     return {m: v / iters for m, v in time_steps(graphs, 1, repeats, warmup=2).items()}
 
 
@@ -173,11 +173,11 @@ def main() -> int:
         p.error("--cuda-graph times bn, gn and imnet (leave out gn_compile)")
     if args.tune and not args.cuda_graph:
         p.error("--tune needs --cuda-graph (eager steps would replan at every call)")
-    from imnet.kernels import group_norm as gnk
+    from imnet.kernels.gn.plan import parse_tuning
 
     for text in args.tune:
         try:
-            gnk.parse_tuning(text)
+            parse_tuning(text)
         except ValueError as e:
             p.error(str(e))
     if not {"bn", "imnet"} <= set(args.methods):

@@ -106,12 +106,12 @@ def test_norm_kernels_captures_each_tuned_variant_under_its_own_plan(monkeypatch
         import norm_kernels
     finally:
         sys.path.remove(os.path.join(ROOT, "bench"))
-    from imnet.kernels import group_norm as gnk
+    from imnet.kernels.gn import plan
 
     captured = {}
 
     def graphed(step, iters):
-        captured[step] = str(gnk.tuning())
+        captured[step] = str(plan.tuning())
         return step
 
     monkeypatch.setattr(norm_kernels, "graphed", graphed)
@@ -119,4 +119,4 @@ def test_norm_kernels_captures_each_tuned_variant_under_its_own_plan(monkeypatch
     steps = {"bn": "bn step", "imnet": "imnet step", "imnet[local=16]": "local step"}
     t = norm_kernels.time_methods(steps, 4, 1, True, {"imnet[local=16]": "local=16"})
     assert captured == {"bn step": "", "imnet step": "", "local step": "local=16"}
-    assert t == {m: 0.25 for m in steps} and gnk.tuning() == gnk.Tuning()
+    assert t == {m: 0.25 for m in steps} and plan.tuning() == plan.Tuning()

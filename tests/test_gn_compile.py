@@ -33,7 +33,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from imnet.kernels import precompile  # noqa: E402
+from imnet.kernels import precompile, reference  # noqa: E402
+from imnet.kernels.common import Act  # noqa: E402
+from imnet.kernels.gn import launch, ops, plan  # noqa: E402
 
 KERNELS = set(precompile.KERNELS)
 
@@ -68,7 +70,7 @@ def test_local_kernels_compile_for_sm90_without_spills(tmp_path):
     images, where the plan picks them for every layer of 256 or more channels; the two ReLU epilogues
     (the most registers). Measured here (Triton 3.8.0), these two epilogues: 52 launches in 25 s,
     registers per thread at most 113 (_fwd_local) and 138 (_bwd_local)."""
-    r = _cli("--arch", "90", "--sms", "132", "--batches", "256", "--dtypes", "bf16", "--epilogues", "relu", "residual",
+    r = _cli("--arch", "90", "--sms", "132", "--batches", "256", "--dtypes", "bf16", "--epilogues", "relu", "residual_relu",
              "--jobs", "2", "--report", cache=tmp_path, tune="local=64")
     assert r.returncode == 0, r.stderr
     assert "IMNET_GN_TUNE=local=64" in r.stdout
@@ -80,10 +82,10 @@ def test_local_kernels_compile_for_sm90_without_spills(tmp_path):
 
 def test_record_follows_the_launch_plan():
     """One shape: the six kernels, with the block sizes of the H100 plan and the split at 2 images."""
-    from imnet.kernels import group_norm as gnk
+    from imnet.kernels.gn import plan as gn_plan
 
     launches = precompile.record([(256, 56, 56)], [2], [torch.bfloat16], sms=132)
-    plan = gnk.plan(2, 256, 56 * 56, 32, 132)
+    plan = gn_plan.plan(2, 256, 56 * 56, 32, 132)
     assert plan.chunks > 1
     assert {launch.kernel for launch in launches} == KERNELS
     stats = [launch for launch in launches if launch.kernel == "_fwd_stats"]
@@ -135,32 +137,20 @@ LOCAL_LAUNCHES = ["_fwd_local", "_bwd_local", "_bwd_combine"]
 
 
 @pytest.mark.parametrize("n, c, h, w, dtype, act, residual, unaligned_weight, tune", [
-    (2, 64, 7, 7, torch.float32, None, False, False, ""),
-    (1, 128, 5, 5, torch.bfloat16, "relu", False, True, ""),
-    (2, 256, 3, 3, torch.float16, "relu", True, False, ""),
-    (4, 256, 3, 3, torch.bfloat16, "relu", True, False, "local=16"),
+    (2, 64, 7, 7, torch.float32, Act.NONE, False, False, ""),
+    (1, 128, 5, 5, torch.bfloat16, Act.RELU, False, True, ""),
+    (2, 256, 3, 3, torch.float16, Act.RELU, True, False, ""),
+    (4, 256, 3, 3, torch.bfloat16, Act.RELU, True, False, "local=16"),
 ])
 def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dtype, act, residual,
                                           unaligned_weight, tune):
-    """The launch cache (group_norm._Replay) starts the same compiled kernels with the same grid,
+    """The launch cache (launch.Replay) starts the same compiled kernels with the same grid,
     stream and arguments as Triton's JIT, without asking the JIT again; also for a weight that is not
     16-byte aligned (another specialization for the JIT), and for the local kernels' launches."""
-    from triton.runtime import driver
-
-    from imnet.kernels import group_norm as gnk
-    from imnet.kernels import reference
-
     names = LOCAL_LAUNCHES if tune else list(precompile.KERNELS)
-    monkeypatch.setattr(gnk, "_tuning", gnk.parse_tuning(tune))
-    assert gnk.plan(n, c, h * w, 32, 1).local == bool(tune)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    rec = _RecordingDriver()
-    monkeypatch.setattr(driver, "_active", rec)
-    gnk._calls.clear()
-    for fn in gnk._jit(False).values():   # kernels an earlier test compiled launch through its driver
-        fn.device_caches.clear()
-    gc.collect()
+    monkeypatch.setattr(plan, "_tuning", plan.parse_tuning(tune))
+    assert plan.plan(n, c, h * w, 32, 1).local == bool(tune)
+    rec = _recording(monkeypatch, tmp_path)
     try:
         x, weight, bias, dy, r = reference.random_inputs(n, c, h, w, dtype, torch.Generator().manual_seed(0),
                                                          residual)
@@ -170,14 +160,14 @@ def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dty
 
         def layer():
             xg = x.detach().requires_grad_()
-            y = gnk.group_norm(xg, 32, weight.requires_grad_(), bias.requires_grad_(), 1e-5, act=act,
+            y = ops.group_norm(xg, 32, weight.requires_grad_(), bias.requires_grad_(), 1e-5, act=act,
                                residual=r)
             torch.autograd.grad(y, (xg, weight, bias), dy)
 
         layer()
         first = list(rec.launches)
         assert len(first) == len(names)  # split: 3 forward, 3 backward; local: 1 forward, 2 backward
-        monkeypatch.setattr(gnk, "_jit", lambda interpret: {name: _NoJit() for name in names})
+        monkeypatch.setattr(launch, "jit", lambda interpret, own_sum=False: {name: _NoJit() for name in names})
         rec.launches.clear()
         layer()
         assert rec.launches == first
@@ -199,7 +189,56 @@ def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dty
         assert [launch[:3] for launch in rec.launches] == [launch[:3] for launch in first]
         assert [m.get()["name"] for m in seen] == names
     finally:
-        gnk._calls.clear()
+        ops._calls.clear()
+
+
+def _recording(monkeypatch, cache):
+    """A _RecordingDriver as Triton's driver, the compiler (not the interpreter), no kernels compiled
+    or planned before (kernels an earlier test compiled launch through its own driver)."""
+    from triton.runtime import driver
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    rec = _RecordingDriver()
+    monkeypatch.setattr(driver, "_active", rec)
+    ops._calls.clear()
+    for own_sum in (False, True):
+        for fn in launch.jit(False, own_sum).values():
+            fn.device_caches.clear()
+    gc.collect()
+    return rec
+
+
+def test_without_the_fast_path_every_launch_goes_through_the_jit(monkeypatch, tmp_path):
+    """Where the Triton internals the fast path needs are not as expected (launch.FAST_PATH_PROBLEM),
+    one warning names the Triton version, every launch goes through the public JIT (nothing kept for
+    replay) and the kernels sum with their own combine function: the same launches, twice."""
+    import triton
+
+    monkeypatch.setattr(launch, "FAST_PATH_PROBLEM", "a stand-in problem")
+    monkeypatch.setattr(launch, "_warned", False)
+    rec = _recording(monkeypatch, tmp_path)
+    x, weight, bias, dy, r = reference.random_inputs(2, 64, 3, 3, torch.float32, torch.Generator().manual_seed(0),
+                                                     True)
+    try:
+        def layer():
+            xg = x.detach().requires_grad_()
+            y = ops.group_norm(xg, 32, weight.requires_grad_(), bias.requires_grad_(), 1e-5, act=Act.RELU,
+                               residual=r)
+            torch.autograd.grad(y, (xg, weight, bias), dy)
+
+        with pytest.warns(RuntimeWarning) as caught:
+            layer()
+            layer()
+        assert [str(w.message) for w in caught] == [
+            f"imnet GroupNorm: Triton {triton.__version__} is not what the kernels' fast launch path expects "
+            "(a stand-in problem); launching through Triton's JIT instead (same kernels, more host time per launch)"]
+        assert len(rec.launches) == 12 and rec.launches[:6] == rec.launches[6:]
+        assert all(entry[1] is None for entry in ops._calls.values())   # no compiled kernels kept
+        own = launch.jit(False, True)["_fwd_stats"]
+        assert own.device_caches and not launch.jit(False, False)["_fwd_stats"].device_caches
+    finally:
+        ops._calls.clear()
 
 
 
@@ -212,8 +251,6 @@ def test_a_real_launch_loads_what_precompile_compiled(monkeypatch, tmp_path):
     precompile run again finds everything in the cache too."""
     from triton.runtime import driver
 
-    from imnet.kernels import group_norm as gnk
-    from imnet.kernels import reference
     from imnet.models.resnet import resnet50_norm_shapes
 
     shapes = [(64, 32, 32), (2048, 4, 4)]  # the first and last of ResNet-50's at 32x32 images
@@ -231,25 +268,25 @@ def test_a_real_launch_loads_what_precompile_compiled(monkeypatch, tmp_path):
     rec = _RecordingDriver()
     assert rec.get_current_target().arch == 90  # what precompile --arch 90 compiled for
     monkeypatch.setattr(driver, "_active", rec)
-    monkeypatch.setattr(gnk, "_sm_count", lambda device: 132)  # CPU tensors: the H100's launch plan
+    monkeypatch.setattr(ops, "sm_count", lambda device: 132)  # CPU tensors: the H100's launch plan
 
     def forget_kernels():
         """The JIT's and the launch caches' kernels, as in a new process; freed while `rec` is the driver
         (Triton 3.8 has the driver unload a kernel that is freed)."""
-        gnk._calls.clear()
-        for fn in gnk._jit(False).values():
+        ops._calls.clear()
+        for fn in launch.jit(False).values():
             fn.device_caches.clear()
         gc.collect()
 
     forget_kernels()
     try:
         for c, h, w in shapes:
-            for act, residual in ((None, False), ("relu", False), ("relu", True)):
+            for act, residual in ((Act.NONE, False), (Act.RELU, False), (Act.RELU, True)):
                 x, weight, bias, dy, res = reference.random_inputs(2, c, h, w, torch.float32,
                                                                    torch.Generator().manual_seed(0), residual)
                 xg, wg, bg = (t.requires_grad_() for t in (x, weight, bias))
                 rec.launches.clear()
-                y = gnk.group_norm(xg, 32, wg, bg, 1e-5, act=act, residual=res)
+                y = ops.group_norm(xg, 32, wg, bg, 1e-5, act=act, residual=res)
                 torch.autograd.grad(y, (xg, wg, bg), dy)
                 assert len(rec.launches) == 6, (c, h, w, act, residual)  # 3 forward, 3 backward
                 # Each kernel launched is one precompile wrote.

@@ -33,7 +33,8 @@ from torch import nn
 
 from imnet import config, kernels, models, norm
 from imnet.kernels import ChannelsLastGroupNorm, kernel_applies, reference
-from imnet.kernels import group_norm as gnk
+from imnet.kernels.common import Act
+from imnet.kernels.gn import launch, ops, plan
 from imnet.models.resnet import Bottleneck, fuse_norm_act, resnet50_norm_shapes
 
 OUT_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -44,7 +45,7 @@ DTYPES = list(OUT_BOUND)
 @pytest.fixture(autouse=True)
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert gnk.kernels_interpreted()
+    assert launch.kernels_interpreted()
 
 
 def _cl(t):
@@ -54,15 +55,15 @@ def _cl(t):
 @pytest.fixture
 def tuned():
     """set_tuning(parse_tuning(text)) for the test, the defaults again after it."""
-    yield lambda text: gnk.set_tuning(gnk.parse_tuning(text))
-    gnk.set_tuning(gnk.Tuning())
+    yield lambda text: plan.set_tuning(plan.parse_tuning(text))
+    plan.set_tuning(plan.Tuning())
 
 
 def _data(n, c, h, w, dtype, seed, residual=False):
     return reference.random_inputs(n, c, h, w, dtype, torch.Generator().manual_seed(seed), residual)
 
 
-def _check(n, c, h, w, groups, dtype, act=None, residual=False, rows_per_chunk=None, seed=0, module=False):
+def _check(n, c, h, w, groups, dtype, act=Act.NONE, residual=False, rows_per_chunk=None, seed=0, module=False):
     """Kernel forward + backward vs float64 F.group_norm (+ add, ReLU); returns the errors."""
     x, weight, bias, dy, r = _data(n, c, h, w, dtype, seed, residual)
     ins = [t.clone().requires_grad_() for t in (x, weight, bias) + ((r,) if residual else ())]
@@ -73,7 +74,7 @@ def _check(n, c, h, w, groups, dtype, act=None, residual=False, rows_per_chunk=N
         ins[1:3] = [m.weight, m.bias]
         y = m(ins[0], ins[3] if residual else None)
     else:
-        y = gnk.group_norm(ins[0], groups, ins[1], ins[2], 1e-5, act=act,
+        y = ops.group_norm(ins[0], groups, ins[1], ins[2], 1e-5, act=act,
                            residual=ins[3] if residual else None, rows_per_chunk=rows_per_chunk)
     assert type(y.grad_fn).__name__ == "GroupNormNHWCBackward"  # the kernels ran, not the fallback
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
@@ -115,21 +116,21 @@ def test_odd_sizes_half(dtype):
 @pytest.mark.parametrize("shape", [(2, 64, 8, 8, 32), (1, 256, 3, 5, 32), (1, 2048, 1, 1, 32), (1, 24, 7, 7, 4)],
                          ids=str)
 def test_fused_relu(shape, dtype):
-    _check(*shape, dtype, act="relu")
+    _check(*shape, dtype, act=Act.RELU)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 256, 4, 4, 32), (1, 64, 7, 7, 32), (1, 2048, 1, 1, 32), (1, 24, 3, 5, 4)],
                          ids=str)
 def test_fused_residual_relu(shape, dtype):
-    _check(*shape, dtype, act="relu", residual=True)
+    _check(*shape, dtype, act=Act.RELU, residual=True)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("act, residual", [(None, False), ("relu", False), ("relu", True)])
+@pytest.mark.parametrize("act, residual", [(Act.NONE, False), (Act.RELU, False), (Act.RELU, True)])
 def test_spatial_split_path(rows, act, residual):
     """A forced chunk size: 7x7 = 49 rows in chunks of 1, 3 (the last holds 1) or 16."""
-    p = gnk.plan(2, 64, 49, 32, 1, rows)
+    p = plan.plan(2, 64, 49, 32, 1, rows)
     assert p.chunks == -(-49 // rows) > 1
     _check(2, 64, 7, 7, 32, torch.float32, act, residual, rows_per_chunk=rows)
     if rows == 3:
@@ -138,10 +139,10 @@ def test_spatial_split_path(rows, act, residual):
 
 def test_split_and_unsplit_agree():
     x, weight, bias, _, _ = _data(1, 128, 7, 7, torch.float32, 3)
-    one = gnk.group_norm(x, 32, weight, bias, rows_per_chunk=49)
-    assert gnk.plan(1, 128, 49, 32, 1, 49).chunks == 1
+    one = ops.group_norm(x, 32, weight, bias, rows_per_chunk=49)
+    assert plan.plan(1, 128, 49, 32, 1, 49).chunks == 1
     for rows in (1, 5, 48):
-        torch.testing.assert_close(gnk.group_norm(x, 32, weight, bias, rows_per_chunk=rows), one,
+        torch.testing.assert_close(ops.group_norm(x, 32, weight, bias, rows_per_chunk=rows), one,
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -149,7 +150,7 @@ def test_stable_statistics_with_a_large_mean():
     """x = randn + 300 in float32: E[x^2] - E[x]^2 in float32 loses the variance (shown below)."""
     g = torch.Generator().manual_seed(5)
     x = _cl(torch.randn(1, 32, 8, 8, generator=g) + 300)
-    y = gnk.group_norm(x, 4)
+    y = ops.group_norm(x, 4)
     y64 = F.group_norm(x.double(), 4)
     assert reference.relative_error(y, y64) <= 1e-4
     # Negative control: the naive one-pass variance in float32 is far off on the same data.
@@ -160,8 +161,8 @@ def test_stable_statistics_with_a_large_mean():
 
 def test_saved_statistics_are_float32_mean_and_rstd():
     x, _, _, _, _ = _data(2, 64, 5, 5, torch.bfloat16, 1)
-    y, stats, call, _ = gnk._forward(x, torch.ones(64), torch.zeros(64), 32, 1e-5, None, None, 7)
-    mean, rstd = gnk.mean_rstd(stats, call, 2, 32)
+    y, stats, launches = ops.forward(x, torch.ones(64), torch.zeros(64), 32, 1e-5, Act.NONE, None, 7)
+    mean, rstd = ops.mean_rstd(stats, launches.moff, 2, 32)
     var, mu = torch.var_mean(x.double().reshape(2, 32, -1), dim=-1, unbiased=False)
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (2, 32)
     torch.testing.assert_close(mean.double(), mu, atol=1e-6, rtol=1e-6)
@@ -172,12 +173,12 @@ def test_saved_statistics_are_float32_mean_and_rstd():
 @pytest.mark.parametrize("grads", ["x", "params", "none"])
 def test_partial_requires_grad(tuned, grads, tune):
     tuned(tune)
-    assert gnk.plan(2, 32, 9, 8, 1).local == bool(tune)
+    assert plan.plan(2, 32, 9, 8, 1).local == bool(tune)
     x, weight, bias, dy, _ = _data(2, 32, 3, 3, torch.float32, 2)
     x.requires_grad_(grads == "x")
     weight.requires_grad_(grads == "params")
     bias.requires_grad_(grads == "params")
-    y = gnk.group_norm(x, 8, weight, bias)
+    y = ops.group_norm(x, 8, weight, bias)
     if grads == "none":
         assert not y.requires_grad
         return
@@ -203,7 +204,7 @@ def test_no_affine():
 
 
 def test_module_uses_the_kernels_for_channels_last_and_falls_back_otherwise(monkeypatch):
-    errs = _check(2, 64, 4, 4, 32, torch.float32, act="relu", residual=True, module=True)
+    errs = _check(2, 64, 4, 4, 32, torch.float32, act=Act.RELU, residual=True, module=True)
     assert max(errs.values()) < 1e-5
     m = ChannelsLastGroupNorm(8, 16)
     x = torch.randn(2, 16, 4, 4) * 3 + 5
@@ -275,20 +276,20 @@ def test_launches_switch_to_the_gpu_of_the_input_when_it_is_not_the_current_one(
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     with FakeTensorMode():
         x0, x1 = (torch.empty(1, 8, 2, 2, device=f"cuda:{i}") for i in (0, 1))
-    ctx = gnk._on_device_of(x1)
+    ctx = launch.on_device_of(x1)
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
     for x in (x0, torch.empty(1, 8, 2, 2)):
-        assert isinstance(gnk._on_device_of(x), contextlib.nullcontext)
+        assert isinstance(launch.on_device_of(x), contextlib.nullcontext)
 
 
 def test_bad_arguments():
     x = _cl(torch.randn(1, 8, 2, 2))
     with pytest.raises(ValueError, match="channels-last"):
-        gnk.group_norm(x.contiguous(), 2)
+        ops.group_norm(x.contiguous(), 2)
     with pytest.raises(ValueError, match="3 groups do not divide 8"):
-        gnk.group_norm(x, 3)
-    with pytest.raises(ValueError, match="act='relu'"):
-        gnk.group_norm(x, 2, residual=x)
+        ops.group_norm(x, 3)
+    with pytest.raises(ValueError, match="use act=Act.RELU"):
+        ops.group_norm(x, 2, residual=x)
     with pytest.raises(ValueError, match="act must be"):
         ChannelsLastGroupNorm(2, 8, act="gelu")
 
@@ -300,13 +301,13 @@ def test_plan_fills_an_h100_with_two_images():
     assert len(counts) == 12 and sum(counts.values()) == 53
     shapes = list(counts)
     for c, h, w in shapes:
-        p = gnk.plan(2, c, h * w, 32, 132)
+        p = plan.plan(2, c, h * w, 32, 132)
         most = 2 * (c // p.block_c) * h * w  # one row per program: 392 for 512 x 7 x 7
         assert p.reduce_programs(2, c) >= min(4 * 132, most), (c, h, w, p)
         assert p.apply_programs(2, c, h * w) >= min(4 * 132, most), (c, h, w, p)
         assert p.chunks > 1  # N * C/128 < 4 * 132 for every layer at N = 2: always split
-        assert gnk.plan(32, c, h * w, 32, 132).reduce_programs(32, c) >= 4 * 132
-        big = gnk.plan(256, c, h * w, 32, 132)  # 256 images fill the GPU with little or no split
+        assert plan.plan(32, c, h * w, 32, 132).reduce_programs(32, c) >= 4 * 132
+        big = plan.plan(256, c, h * w, 32, 132)  # 256 images fill the GPU with little or no split
         assert big.chunks <= 4
 
 
@@ -318,28 +319,28 @@ TUNINGS = ["tile=512,block_c=16,warps=2", "programs_per_sm=8,tile=1024,align_row
 @pytest.mark.parametrize("text", TUNINGS)
 def test_other_tunings_compute_the_same_function(tuned, text):
     tuned(text)
-    t = gnk.tuning()
-    p = gnk.plan(2, 64, 7 * 7, 32, 4)
+    t = plan.tuning()
+    p = plan.plan(2, 64, 7 * 7, 32, 4)
     assert p.block_c == min(64, t.block_c) and p.block_hw * p.block_c <= t.tile
     assert p.num_warps == (t.warps or p.num_warps)
     if t.align_rows:  # whole tiles in every chunk but the last
-        assert all(gnk.plan(2, c, h * w, 32, 132).rows % gnk.plan(2, c, h * w, 32, 132).block_hw == 0
+        assert all(plan.plan(2, c, h * w, 32, 132).rows % plan.plan(2, c, h * w, 32, 132).block_hw == 0
                    for c, h, w in resnet50_norm_shapes())
-    _check(2, 64, 7, 7, 32, torch.bfloat16, act="relu", residual=True)
-    _check(2, 256, 3, 3, 32, torch.float32, act="relu")
+    _check(2, 64, 7, 7, 32, torch.bfloat16, act=Act.RELU, residual=True)
+    _check(2, 256, 3, 3, 32, torch.float32, act=Act.RELU)
     _check(1, 32, 5, 4, 8, torch.float16, rows_per_chunk=3)
 
 
 def test_set_tuning_replans_and_forgets_cached_launches(tuned):
     x = _data(2, 256, 4, 4, torch.float32, 0)[0]
-    gnk.group_norm(x, 32)
-    default = gnk.plan(2, 256, 56 * 56, 32, 132)
-    assert gnk._calls
+    ops.group_norm(x, 32)
+    default = plan.plan(2, 256, 56 * 56, 32, 132)
+    assert ops._calls
     tuned("block_c=32,programs_per_sm=8")
-    assert str(gnk.tuning()) == "block_c=32,programs_per_sm=8"
-    p = gnk.plan(2, 256, 56 * 56, 32, 132)
+    assert str(plan.tuning()) == "block_c=32,programs_per_sm=8"
+    p = plan.plan(2, 256, 56 * 56, 32, 132)
     assert (default.block_c, p.block_c) == (128, 32) and p.reduce_programs(2, 256) >= 8 * 132
-    assert not gnk._calls
+    assert not ops._calls
     _check(2, 256, 4, 4, 32, torch.float32)  # the new plan's kernels, not the old ones' constexprs
 
 
@@ -362,16 +363,16 @@ def test_local_kernels_compute_the_same_function(tuned, text, shape):
     (25 of 32, 15 of 16) and lanes (48 of 64) left empty."""
     tuned(text)
     n, c, h, w, groups = shape
-    p = gnk.plan(n, c, h * w, groups, 1)
+    p = plan.plan(n, c, h * w, groups, 1)
     cpg = c // groups
     assert p.local and p.chunks == 1 and p.channels % cpg == 0 and p.channels <= p.block_c
     assert p.one == (p.block_hw >= h * w) == (text != SMALL_TILES)
-    for act, residual in ((None, False), ("relu", False), ("relu", True)):
+    for act, residual in ((Act.NONE, False), (Act.RELU, False), (Act.RELU, True)):
         _check(*shape, torch.float32, act, residual)
-    _check(*shape, torch.bfloat16, "relu", True)
+    _check(*shape, torch.bfloat16, Act.RELU, True)
     x = _data(n, c, h, w, torch.float32, 1)[0]
-    _, stats, call, _ = gnk._forward(x, torch.ones(c), torch.zeros(c), groups, 1e-5, None, None, None)
-    mean, rstd = gnk.mean_rstd(stats, call, n, groups)
+    _, stats, launches = ops.forward(x, torch.ones(c), torch.zeros(c), groups, 1e-5, Act.NONE)
+    mean, rstd = ops.mean_rstd(stats, launches.moff, n, groups)
     var, mu = torch.var_mean(x.double().reshape(n, groups, -1), dim=-1, unbiased=False)
     torch.testing.assert_close(mean.double(), mu, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(rstd.double(), (var + 1e-5).rsqrt(), atol=1e-6, rtol=1e-5)
@@ -384,14 +385,14 @@ def test_local_plan_only_where_its_programs_fill_the_gpu(tuned):
     tuned("local=16")
     for c, h, w in resnet50_norm_shapes():
         for n in (256, 32, 2):
-            p = gnk.plan(n, c, h * w, 32, 132)
+            p = plan.plan(n, c, h * w, 32, 132)
             assert p.local == (n == 256 or (n == 32 and c >= 512)), (n, c, h, w)
             assert p.reduce_programs(n, c) >= 4 * 132 or n == 2
             if p.local:
                 assert p.channels == max(16, c // 32) and p.reduce_programs(n, c) == p.apply_programs(n, c, h * w)
-    assert not gnk.plan(256, 256, 49, 2, 132).local          # 128 channels per group
-    assert gnk.plan(256, 256, 49, 4, 132).local              # 64
-    assert not gnk.plan(256, 256, 49, 32, 132, 7).local      # rows_per_chunk
+    assert not plan.plan(256, 256, 49, 2, 132).local          # 128 channels per group
+    assert plan.plan(256, 256, 49, 4, 132).local              # 64
+    assert not plan.plan(256, 256, 49, 32, 132, 7).local      # rows_per_chunk
 
 
 def test_local_programs_keep_a_whole_sample_where_one_tile_holds_it(tuned):
@@ -402,11 +403,11 @@ def test_local_programs_keep_a_whole_sample_where_one_tile_holds_it(tuned):
                         ("local=16,tile=16384", lambda c, hw: hw in (49, 196, 784))):
         tuned(text)
         for c, h, w in resnet50_norm_shapes():
-            fwd = gnk._fwd_call(256, c, h * w, 32, 1e-5, "relu", 132, None)
-            bwd = gnk._bwd_call(256, c, h * w, 32, "relu", fwd, True, True)
+            fwd = plan.forward(256, c, h * w, 32, 1e-5, Act.RELU, 132)
+            bwd = plan.backward(256, c, h * w, 32, Act.RELU, 132, None, True, True)
             assert [s.name for s in fwd.steps + bwd.steps] == ["_fwd_local", "_bwd_local", "_bwd_combine"]
             assert fwd.steps[0].constexprs["ONE"] == bwd.steps[0].constexprs["ONE"] == whole(c, h * w), (c, h, w)
-    assert gnk._fwd_call(256, 512, 784, 32, 1e-5, None, 132, None).steps[0].num_warps == 16
+    assert plan.forward(256, 512, 784, 32, 1e-5, Act.NONE, 132).steps[0].num_warps == 16
 
 
 def test_each_mode_gets_its_own_kernels_whatever_the_environment():
@@ -414,9 +415,24 @@ def test_each_mode_gets_its_own_kernels_whatever_the_environment():
     ones, and the environment is left as it was."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    assert not any(isinstance(f, InterpretedFunction) for f in gnk._jit(False).values())
-    assert all(isinstance(f, InterpretedFunction) for f in gnk._jit(True).values())
+    assert not any(isinstance(f, InterpretedFunction) for f in launch.jit(False).values())
+    assert all(isinstance(f, InterpretedFunction) for f in launch.jit(True).values())
     assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+def test_without_the_fast_path_the_kernels_sum_with_their_own_combine(monkeypatch):
+    """launch.FAST_PATH_PROBLEM set (a Triton whose internals moved): one warning, then kernels whose
+    sums use kernels.add instead of Triton's own combine function, with the same results."""
+    monkeypatch.setattr(launch, "FAST_PATH_PROBLEM", "a stand-in problem")
+    monkeypatch.setattr(launch, "_warned", False)
+    with pytest.warns(RuntimeWarning, match=r"Triton \S+ is not what the kernels' fast launch path expects "
+                                            r"\(a stand-in problem\)"):
+        assert launch.kernels_interpreted()
+    own = launch.jit(True, True)["_fwd_stats"].fn.__globals__["sum_combine"]
+    assert own.fn.__name__ == "add"
+    assert launch.jit(True, False)["_fwd_stats"].fn.__globals__["sum_combine"].fn.__name__ == "_sum_combine"
+    errs = _check(2, 64, 7, 7, 32, torch.float32, act=Act.RELU, residual=True, rows_per_chunk=16)
+    assert max(errs.values()) <= OUT_BOUND[torch.float32]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -433,14 +449,14 @@ def test_each_mode_gets_its_own_kernels_whatever_the_environment():
 ])
 def test_bad_tuning_strings_name_the_problem(text, message):
     with pytest.raises(ValueError, match=f"IMNET_GN_TUNE: {message}"):
-        gnk.parse_tuning(text)
+        plan.parse_tuning(text)
 
 
 def test_tuning_strings_round_trip_and_the_environment_sets_them():
-    assert str(gnk.Tuning()) == "" and gnk.parse_tuning("") == gnk.parse_tuning(" , ") == gnk.Tuning()
-    t = gnk.parse_tuning(" warps=8 , programs_per_sm=3")
-    assert t == gnk.Tuning(warps=8, programs_per_sm=3) and gnk.parse_tuning(str(t)) == t
-    code = "from imnet.kernels import group_norm as g; print(g.tuning())"
+    assert str(plan.Tuning()) == "" and plan.parse_tuning("") == plan.parse_tuning(" , ") == plan.Tuning()
+    t = plan.parse_tuning(" warps=8 , programs_per_sm=3")
+    assert t == plan.Tuning(warps=8, programs_per_sm=3) and plan.parse_tuning(str(t)) == t
+    code = "from imnet.kernels.gn import plan; print(plan.tuning())"
     env = {**os.environ, "IMNET_GN_TUNE": "tile=2048,programs_per_sm=2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "tile=2048,programs_per_sm=2"
@@ -453,7 +469,7 @@ def test_tuning_strings_round_trip_and_the_environment_sets_them():
 
 def test_make_returns_the_module_with_the_native_state_dict():
     m = norm.make("gn", 64, groups=32, impl="triton")
-    assert type(m) is ChannelsLastGroupNorm and m.num_groups == 32 and m.act is None and norm.is_norm(m)
+    assert type(m) is ChannelsLastGroupNorm and m.num_groups == 32 and m.act is Act.NONE and norm.is_norm(m)
     assert type(norm.make("gn", 64, impl="auto")) is ChannelsLastGroupNorm  # Triton imports here
     assert type(norm.make("ln", 64, impl="triton")) is ChannelsLastGroupNorm
     assert type(norm.make("gn", 64)) is nn.GroupNorm and type(norm.make("gn", 64, impl="native")) is nn.GroupNorm
@@ -465,7 +481,7 @@ def test_make_returns_the_module_with_the_native_state_dict():
 
 
 def _fused_norms(model):
-    return [m for m in model.modules() if isinstance(m, ChannelsLastGroupNorm) and m.act == "relu"]
+    return [m for m in model.modules() if isinstance(m, ChannelsLastGroupNorm) and m.act == Act.RELU]
 
 
 def test_resnet50_fuses_norm_relu_and_keeps_checkpoints_loadable(monkeypatch):
@@ -529,8 +545,8 @@ def test_fused_bottleneck_runs_the_kernels_like_the_unfused_block(residual):
     ref = Bottleneck(64, 16, norm_layer=functools.partial(nn.GroupNorm, 8))
     ref.load_state_dict(block.state_dict())
     fuse_norm_act(block, residual=residual)
-    assert block.fused and block.bn1.act == block.bn2.act == "relu"
-    assert block.bn3.act == ("relu" if residual else None)
+    assert block.fused and block.bn1.act == block.bn2.act == Act.RELU
+    assert block.bn3.act == (Act.RELU if residual else Act.NONE)
     block.to(memory_format=torch.channels_last)
     ref.to(memory_format=torch.channels_last)
     x = _cl(torch.randn(2, 64, 4, 4) * 2 + 1)
@@ -550,9 +566,9 @@ class _Blocks(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
-        self.gn1 = ChannelsLastGroupNorm(8, 32, act="relu")
+        self.gn1 = ChannelsLastGroupNorm(8, 32, act=Act.RELU)
         self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
-        self.gn2 = ChannelsLastGroupNorm(8, 32, act="relu")
+        self.gn2 = ChannelsLastGroupNorm(8, 32, act=Act.RELU)
         self.gn3 = ChannelsLastGroupNorm(4, 32, affine=False)
         self.head = nn.Linear(32, 4)
 
@@ -593,16 +609,16 @@ def test_torch_compile_traces_the_norms_without_graph_breaks(monkeypatch, tmp_pa
             assert (a - b).abs().max().item() <= tol * b.abs().max().item(), backend
 
 
-@pytest.mark.parametrize("act, residual", [("", False), ("relu", False), ("residual_relu", True)])
+@pytest.mark.parametrize("act, residual", [(Act.NONE, False), (Act.RELU, False), (Act.RESIDUAL_RELU, True)])
 def test_custom_ops_pass_opcheck(act, residual):
     """torch.library.opcheck: the ops' schemas, fake (meta) implementations, autograd registration and
     aliasing rules, as torch.compile relies on them."""
     x, weight, bias, dy, r = _data(2, 16, 5, 5, torch.float32, 3, residual)
     args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
-            r.requires_grad_() if residual else None, 4, 1e-5, act, None)
+            r.requires_grad_() if residual else None, 4, 1e-5, int(act), None)
     torch.library.opcheck(torch.ops.imnet.group_norm_fwd, args)
     y, moments = torch.ops.imnet.group_norm_fwd(*args)
     for need_dx, need_dparams in ((True, True), (False, True), (True, False)):
         torch.library.opcheck(torch.ops.imnet.group_norm_bwd,
                               (dy, x.detach(), y.detach(), weight.detach(), bias.detach(), moments.detach(), 4,
-                               act, None, need_dx, need_dparams))
+                               int(act), None, need_dx, need_dparams))

@@ -1,11 +1,11 @@
 """Channels-last GroupNorm: the module the norm registry returns for model.gn_impl = auto | triton.
 
     ChannelsLastGroupNorm(32, 256)                 GroupNorm (same parameters, same state dict)
-    ChannelsLastGroupNorm(32, 256, act="relu")     relu(GroupNorm(x)); forward(x, residual) gives
+    ChannelsLastGroupNorm(32, 256, act=Act.RELU)   relu(GroupNorm(x)); forward(x, residual) gives
                                                    relu(GroupNorm(x) + residual): a block's end
 
 Where its forward runs:
-  - the Triton kernels (imnet/kernels/group_norm.py, imported on first use) for a CUDA tensor that
+  - the Triton kernels (imnet/kernels/gn/, imported on first use) for a CUDA tensor that
     is 4-D, channels-last and float32/bf16/fp16, when Triton imports, on an NVIDIA GPU of compute
     capability 8.0 or newer (the GPUs Triton's README supports; the kernels are checked on an H100)
     or on any CUDA device with any_gpu=True (model.gn_impl=triton); also for such a CPU tensor
@@ -19,16 +19,13 @@ Where its forward runs:
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from imnet.kernels import reference
+from imnet.kernels.common import DTYPES, MAX_SAMPLE_ELEMENTS, Act, check_act, interpreting
 
-__all__ = ["ChannelsLastGroupNorm", "gpu_unsupported", "kernel_applies", "triton_available"]
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["Act", "ChannelsLastGroupNorm", "gpu_unsupported", "kernel_applies", "triton_available"]
 
 
 _triton_imports: bool | None = None   # (module globals, not functools caches: torch.compile traces these)
@@ -46,11 +43,6 @@ def triton_available() -> bool:
     return _triton_imports
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-MAX_SAMPLE_ELEMENTS = 2**31 - 1   # the kernels index within a sample with 32-bit integers
 MIN_CAPABILITY = (8, 0)           # Triton's README: "NVIDIA GPUs (Compute Capability 8.0+)"
 
 
@@ -78,13 +70,13 @@ def gpu_unsupported(device: torch.device) -> str | None:
 def kernel_applies(x: torch.Tensor, any_gpu: bool = False) -> bool:
     """True when ChannelsLastGroupNorm would run the Triton kernels on x (see the module docstring);
     any_gpu: on every CUDA device, not only the supported ones (gpu_unsupported)."""
-    if x.dim() != 4 or x.dtype not in _DTYPES or not x.is_contiguous(memory_format=torch.channels_last):
+    if x.dim() != 4 or x.dtype not in DTYPES or not x.is_contiguous(memory_format=torch.channels_last):
         return False
     if x.shape[1] * x.shape[2] * x.shape[3] > MAX_SAMPLE_ELEMENTS:
         return False
     if x.is_cuda:
         return triton_available() and (any_gpu or gpu_unsupported(x.device) is None)
-    return x.device.type == "cpu" and _interpret() and triton_available()
+    return x.device.type == "cpu" and interpreting() and triton_available()
 
 
 def gpu_note(model: nn.Module, device: torch.device) -> str | None:
@@ -111,7 +103,7 @@ def _kernel():
     """group_norm_checked, imported on first use (an import statement in forward costs each call)."""
     global _group_norm_checked
     if _group_norm_checked is None:
-        from imnet.kernels.group_norm import group_norm_checked
+        from imnet.kernels.gn.ops import group_norm_checked
         _group_norm_checked = group_norm_checked
     return _group_norm_checked
 
@@ -121,14 +113,14 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
 
     A subclass of nn.GroupNorm: same parameters and state-dict keys, so checkpoints load into either
     and imnet.norm.is_norm / split_params see it. `act` is a plain attribute; the ResNets set it to
-    "relu" where a norm is followed by a ReLU (imnet.models.resnet.fuse_norm_act). any_gpu: run the
+    Act.RELU where a norm is followed by a ReLU (imnet.models.resnet.fuse_norm_act). any_gpu: run the
     kernels on every CUDA GPU, also those gpu_unsupported() names (model.gn_impl=triton).
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 act: str | None = None, any_gpu: bool = False, device=None, dtype=None) -> None:
+                 act: Act = Act.NONE, any_gpu: bool = False, device=None, dtype=None) -> None:
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
-        reference.check_act(act, None)
+        check_act(act, None)
         self.act, self.any_gpu = act, any_gpu
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,4 +129,4 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
         return reference.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.act, residual)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", act={self.act}" if self.act else "")
+        return super().extra_repr() + (f", act={self.act.name}" if self.act else "")

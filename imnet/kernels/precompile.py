@@ -1,14 +1,14 @@
 """Compile the GroupNorm kernels ahead of time into Triton's on-disk cache, with or without a GPU.
 
     python -m imnet.kernels.precompile [--arch 90 --sms 132] [--batches 1 2 32 256]
-                                       [--dtypes bf16 fp16 fp32] [--epilogues plain relu residual]
+                                       [--dtypes bf16 fp16 fp32] [--epilogues none relu residual_relu]
                                        [--jobs 8] [--report]
 
 Triton compiles a kernel the first time it is launched with a new specialization (block sizes,
 dtypes, 16-byte alignment, integer arguments equal to 1), one after another, in the training
-process: for ResNet-50 at a few batch sizes that is hundreds of compilations. This runs imnet's own
-launchers (`_forward`, `_backward`) for every distinct ResNet-50 norm input shape, batch size, dtype
-and epilogue on meta tensors, records each launch, and has Triton's JIT compile the distinct ones
+process: for ResNet-50 at a few batch sizes that is hundreds of compilations. This reads the launch
+plan (imnet.kernels.gn.plan) of every distinct ResNet-50 norm input shape, batch size, dtype and
+epilogue, and has Triton's JIT compile the distinct launches
 (`JITFunction.warmup`) in `--jobs` processes. The results land in Triton's cache
 (TRITON_CACHE_DIR, default ~/.triton/cache), keyed as a later launch on that GPU kind looks them
 up, so the training process then loads instead of compiling.
@@ -18,7 +18,7 @@ capability `--arch`, warp size 32) and compiles only; with a GPU, `--arch` and `
 the current device's. Run it on a machine with the same Triton version as the GPU nodes (the
 cache key holds Triton's version and ptxas's). `--report` also prints each kernel's registers per
 thread and spill bytes from ptxas -v (tests/test_gn_compile.py asserts no spills on sm_90). The
-launch plan is the one the training process will use: the same IMNET_GN_TUNE (group_norm.Tuning).
+launch plan is the one the training process will use: the same IMNET_GN_TUNE (plan.Tuning).
 """
 
 from __future__ import annotations
@@ -35,10 +35,14 @@ import time
 
 import torch
 
+from imnet.kernels.common import Act
+from imnet.kernels.gn import plan
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ACTS = {"plain": None, "relu": "relu", "residual": "residual_relu"}
+ACTS = {a.name.lower(): a for a in Act}   # --epilogues: none relu residual_relu
 KERNELS = ("_fwd_stats", "_fwd_combine", "_fwd_apply", "_bwd_reduce", "_bwd_combine", "_bwd_apply")
 LOCAL_KERNELS = ("_fwd_local", "_bwd_local")   # launched only with IMNET_GN_TUNE=local=...
+_FLOAT32_ROLES = ("stats", "part", "weight", "bias", "dgamma", "dbeta")   # the rest: the activations' dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,47 +61,23 @@ class Launch:
         return self.kernel, spec, self.meta, self.num_warps
 
 
-class _Recorder:
-    """Stands in for group_norm's launcher: keeps each distinct launch, starts nothing."""
-
-    def __init__(self, launches: dict):
-        self.launches = launches
-
-    def __call__(self, step, *tensors):
-        args = tuple(t.dtype for t in tensors) + step.scalars
-        launch = Launch(step.name, args, tuple(sorted(step.constexprs.items())), step.num_warps)
-        self.launches.setdefault(launch.key(), launch)
-
-    def done(self):
-        pass
-
-
-def record(shapes, batches, dtypes, sms: int, groups: int = 32, acts=tuple(ACTS.values())) -> list[Launch]:
-    """The distinct launches of forward + backward (all gradients) for every shape x batch x dtype x
-    epilogue (`acts`), with the launch plan of a GPU with `sms` multiprocessors and the current
-    group_norm.tuning(). Nothing is compiled."""
-    from imnet.kernels import group_norm as gnk
-
+def record(shapes, batches, dtypes, sms: int, groups: int = 32, acts=tuple(Act),
+           tuning: plan.Tuning | None = None) -> list[Launch]:
+    """The distinct launches of forward + backward (all gradients) for every (C, H, W) shape x batch x
+    dtype x epilogue (`acts`), from the launch plan of a GPU with `sms` multiprocessors and `tuning`
+    (default: the current one). Nothing is compiled. The parameters are float32, as in the trainer."""
     launches: dict = {}
-    recorder = _Recorder(launches)
-    saved = gnk._launcher, gnk._sm_count
-    gnk._launcher, gnk._sm_count = (lambda call: recorder), (lambda device: sms)
-    gnk._calls.clear()  # calls planned for another SM count
-    try:
-        meta = torch.device("meta")
-        for n in batches:
-            for c, h, w in shapes:
-                wb = torch.empty(c, device=meta)
-                for dtype in dtypes:
-                    x = torch.empty(n, c, h, w, dtype=dtype, device=meta).contiguous(memory_format=torch.channels_last)
-                    for act in acts:
-                        res = x if act == "residual_relu" else None
-                        y, stats, call, key = gnk._forward(x, wb, wb, groups, 1e-5, act, res, None)
-                        gnk._backward(x, x, y, wb, wb, stats, groups, act, call, key, True, True,
-                                      res is not None)
-    finally:
-        gnk._launcher, gnk._sm_count = saved
-        gnk._calls.clear()
+    for n in batches:
+        for c, h, w in shapes:
+            for dtype in dtypes:
+                for act in acts:
+                    fwd = plan.forward(n, c, h * w, groups, 1e-5, act, sms, None, tuning)
+                    bwd = plan.backward(n, c, h * w, groups, act, sms, None, True, True, tuning)
+                    for step in fwd.steps + bwd.steps:
+                        args = tuple(torch.float32 if r in _FLOAT32_ROLES else dtype for r in step.tensors)
+                        launch = Launch(step.name, args + step.scalars, tuple(sorted(step.constexprs.items())),
+                                        step.num_warps)
+                        launches.setdefault(launch.key(), launch)
     return list(launches.values())
 
 
@@ -163,10 +143,10 @@ def _compile_share(share: list[Launch], arch: int, report: bool) -> list[tuple]:
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.runtime import driver
 
-    from imnet.kernels import group_norm as gnk
+    from imnet.kernels.gn import launch as gn_launch
 
     driver.set_active(DryRunDriver(arch))
-    fns = gnk._jit(False)  # the JIT itself: warmup compiles without launching
+    fns = gn_launch.jit(False)  # the JIT itself: warmup compiles without launching
     out = []
     for launch in share:
         kernel = fns[launch.kernel].warmup(*launch.args, grid=(1,), num_warps=launch.num_warps, **dict(launch.meta))
@@ -219,15 +199,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     from imnet.models.resnet import resnet50_norm_shapes
 
-    from imnet.kernels import group_norm as gnk
-
     launches = record(list(resnet50_norm_shapes(a.image_size)), a.batches, [DTYPES[d] for d in a.dtypes], a.sms,
                       acts=[ACTS[e] for e in a.epilogues])
     results = compile_all(launches, a.arch, a.jobs, a.report)
     cache = os.environ.get("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
     print(f"precompile: {len(results)} kernel specializations for sm_{a.arch} ({a.sms} SMs) in "
           f"{time.perf_counter() - t0:.0f} s with {a.jobs} processes, triton {triton.__version__}, cache {cache}"
-          + (f", IMNET_GN_TUNE={gnk.tuning()}" if str(gnk.tuning()) else ""))
+          + (f", IMNET_GN_TUNE={plan.tuning()}" if str(plan.tuning()) else ""))
     if a.report:
         for name in KERNELS + LOCAL_KERNELS:
             mine = [r for r in results if r[0] == name]

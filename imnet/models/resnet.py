@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models import resnet as tv
 
 from imnet import norm as norms
-from imnet.kernels import ChannelsLastGroupNorm
+from imnet.kernels import Act, ChannelsLastGroupNorm
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -54,7 +54,7 @@ def last_norm(block: nn.Module) -> nn.Module | None:
 class BasicBlock(tv.BasicBlock):
     """torchvision's BasicBlock (same modules, same state-dict keys). Once fuse_norm_act() sets
     `fused`, bn1 applies the ReLU itself and bn2 computes relu(bn2(x) + identity) in one kernel
-    (or only the norm, the add and ReLU then separate, if bn2.act is None)."""
+    (or only the norm, the add and ReLU then separate, if bn2.act is Act.NONE)."""
 
     fused = False
 
@@ -63,7 +63,7 @@ class BasicBlock(tv.BasicBlock):
             return super().forward(x)
         identity = x if self.downsample is None else self.downsample(x)
         out = self.conv2(self.bn1(self.conv1(x)))  # bn1: GroupNorm + ReLU
-        if self.bn2.act == "relu":
+        if self.bn2.act == Act.RELU:
             return self.bn2(out, identity)  # relu(GroupNorm(out) + identity)
         return self.relu(self.bn2(out) + identity)
 
@@ -71,7 +71,7 @@ class BasicBlock(tv.BasicBlock):
 class Bottleneck(tv.Bottleneck):
     """torchvision's Bottleneck (same modules, same state-dict keys). Once fuse_norm_act() sets
     `fused`, bn1 and bn2 apply the ReLU themselves and bn3 computes relu(bn3(x) + identity) in one
-    kernel (or only the norm, the add and ReLU then separate, if bn3.act is None)."""
+    kernel (or only the norm, the add and ReLU then separate, if bn3.act is Act.NONE)."""
 
     fused = False
 
@@ -81,7 +81,7 @@ class Bottleneck(tv.Bottleneck):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.bn2(self.conv2(self.bn1(self.conv1(x))))  # bn1, bn2: GroupNorm + ReLU
         out = self.conv3(out)
-        if self.bn3.act == "relu":
+        if self.bn3.act == Act.RELU:
             return self.bn3(out, identity)  # relu(GroupNorm(out) + identity)
         return self.relu(self.bn3(out) + identity)
 
@@ -94,15 +94,15 @@ def fuse_norm_act(model: nn.Module, residual: bool = True) -> nn.Module:
     """
     if (not isinstance(model, (BasicBlock, Bottleneck)) and isinstance(getattr(model, "relu", None), nn.ReLU)
             and isinstance(getattr(model, "bn1", None), ChannelsLastGroupNorm)):
-        model.bn1.act = "relu"  # the stem: conv1 -> bn1 -> relu (the model's `relu` is used nowhere else)
+        model.bn1.act = Act.RELU  # the stem: conv1 -> bn1 -> relu (the model's `relu` is used nowhere else)
         model.relu = nn.Identity()
     for block in model.modules():
         if isinstance(block, (BasicBlock, Bottleneck)):
             *inner, last = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
             if all(isinstance(m, ChannelsLastGroupNorm) for m in (*inner, last)):
                 for m in inner:
-                    m.act = "relu"
-                last.act = "relu" if residual else None
+                    m.act = Act.RELU
+                last.act = Act.RELU if residual else Act.NONE
                 block.fused = True
     return model
 
