@@ -6,23 +6,26 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import deny, run, single
+from data_helpers import write_jpeg_tree
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import deny
 from imnet.data import check, sort_val
 from imnet.data.bad import BadImagePolicy
 from imnet.data.datasets import build_dataset
-from tests.conftest import run, single
 
 CLASSES = ("n01440764", "n01443537")  # sorted: label 0, label 1
 SIZE = 16  # px the dataset yields
 
 
+def picture(seed: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((24, 32, 3)) * 255).astype(np.uint8))
+
+
 def jpeg_bytes(seed: int, fmt: str = "JPEG") -> bytes:
-    rng = np.random.default_rng(seed)
     buf = io.BytesIO()
-    Image.fromarray((rng.random((24, 32, 3)) * 255).astype(np.uint8)).save(buf, fmt)
+    picture(seed).save(buf, fmt)
     return buf.getvalue()
 
 
@@ -30,11 +33,7 @@ def make_tree(root, bad: bool = True) -> dict[str, str]:
     """root/{train,val}/<wnid>/ with 3 good JPEGs per class; with `bad`, three bad files:
     train/<cls0>/..._trunc.JPEG (first half of a JPEG), train/<cls1>/..._empty.JPEG (0 bytes),
     val/<cls0>/..._png.JPEG (a PNG). Returns {kind: path}."""
-    for split in ("train", "val"):
-        for c, wnid in enumerate(CLASSES):
-            os.makedirs(root / split / wnid)
-            for k in range(3):
-                (root / split / wnid / f"{wnid}_{k}.JPEG").write_bytes(jpeg_bytes(100 * c + k))
+    write_jpeg_tree(root, CLASSES, {"train": 3, "val": 3}, lambda split, c, k: picture(100 * c + k), quality=75)
     if not bad:
         return {}
     paths = {"truncated": root / "train" / CLASSES[0] / f"{CLASSES[0]}_trunc.JPEG",

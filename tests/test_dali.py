@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 import sklearn.datasets
 import torch
+from data_helpers import write_jpeg_tree, write_tiny_imagenet
 from PIL import Image
 
 from imnet import config
-from imnet.data import TrainSampler, dali
+from imnet.data import dali
 from imnet.data import transforms as tf
-from imnet.data.datasets import DatasetInfo, build_dataset
+from imnet.data.core import DatasetInfo
+from imnet.data.datasets import build_dataset
+from imnet.data.samplers import TrainSampler
 from imnet.dist import Dist
 
 S = 32                                   # px: image_size of the small tests
@@ -39,13 +42,8 @@ def picture(w: int, h: int, seed: int) -> Image.Image:
 
 
 def write_imagenet(root) -> str:
-    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
-        for c, wnid in enumerate(CLASSES):
-            os.makedirs(os.path.join(root, split, wnid))
-            for i in range(n):
-                w, h = SIZES[(i + c) % len(SIZES)]
-                picture(w, h, seed=100 * c + i).save(os.path.join(root, split, wnid, f"{wnid}_{i}.JPEG"), quality=90)
-    return str(root)
+    return write_jpeg_tree(root, CLASSES, {"train": N_TRAIN, "val": N_VAL},
+                           lambda split, c, i: picture(*SIZES[(i + c) % len(SIZES)], seed=100 * c + i), quality=90)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +210,7 @@ def test_train_without_augmentation_uses_the_val_recipe(imagenet):
 def test_val_counts_every_image_exactly_once(imagenet, world):
     cfg = make_cfg(imagenet)  # eval batch 8; with 30 ranks most ranks have one image, 9 have none
     labels = file_labels(imagenet, "val")
-    n, ids, sizes = 0, [], []
+    ids, sizes = [], []
     for r in range(world):
         loader = build(cfg, rank(r, world), "val")
         batches = one_pass(loader)
@@ -268,7 +266,7 @@ def variant(root: str, size: int, how: str) -> torch.Tensor:
             img = fn.resize(img, resize_y=fn.cast(rh, dtype=types.FLOAT), resize_x=fn.cast(rw, dtype=types.FLOAT),
                             **filt)
             if how != "crop_pos":  # the loader's exact centre offset
-                img = fn.slice(img, fn.stack(dali._center(rh, size), dali._center(rw, size)),
+                img = fn.slice(img, fn.stack(dali.center_offset(rh, size), dali.center_offset(rw, size)),
                                types.Constant([size, size], dtype=types.INT32), axis_names="HW")
                 return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
         return fn.crop_mirror_normalize(img, crop=[size, size], crop_pos_x=0.5, crop_pos_y=0.5, dtype=types.FLOAT,
@@ -341,20 +339,9 @@ WNIDS = ("n09", "n01", "n05")  # wnids.txt order (unsorted): labels follow the f
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("tiny"))
-    with open(os.path.join(root, "wnids.txt"), "w") as fh:
-        fh.write("\n".join(WNIDS) + "\n")
-    for c, wnid in enumerate(WNIDS):
-        folder = os.path.join(root, "train", wnid, "images")
-        os.makedirs(folder)
-        for i in range(4):
-            picture(64, 64, seed=10 * c + i).save(os.path.join(folder, f"{wnid}_{i}.JPEG"), quality=90)
-    os.makedirs(os.path.join(root, "val", "images"))
-    with open(os.path.join(root, "val", "val_annotations.txt"), "w") as fh:
-        for i in range(9):
-            picture(64, 64, seed=500 + i).save(os.path.join(root, "val", "images", f"val_{i}.JPEG"), quality=90)
-            fh.write(f"val_{i}.JPEG\t{WNIDS[(i * 2) % 3]}\t0\t0\t63\t63\n")
-    return root
+    train = {wnid: [picture(64, 64, seed=10 * c + i) for i in range(4)] for c, wnid in enumerate(WNIDS)}
+    val = [(f"val_{i}.JPEG", WNIDS[(i * 2) % 3], picture(64, 64, seed=500 + i)) for i in range(9)]
+    return write_tiny_imagenet(tmp_path_factory.mktemp("tiny"), WNIDS, train, val, quality=90)
 
 
 def test_tiny_imagenet_val_equals_the_torch_loader(tiny):
@@ -400,7 +387,7 @@ def test_tiny_imagenet_train_without_flip_and_crop_is_the_plain_image(tiny):
     cfg = make_cfg(tiny, "data.hflip=off", "data.crop_pad=0", name="tiny_imagenet")
     ds, _ = build_dataset("tiny_imagenet", tiny, "train", augment=False)
     n = 0
-    for x, y, ids in one_pass(build(cfg, rank(), "train")):
+    for x, _, ids in one_pass(build(cfg, rank(), "train")):
         for img, i in zip(x, ids):
             assert torch.allclose(img, ds[i][0], atol=1e-4), i
             n += 1

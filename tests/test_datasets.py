@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from conftest import check_determinism, contains, deny, shifted_crops
+from data_helpers import IMAGENET_MEAN, IMAGENET_STD, norm, random_images, write_jpeg_tree
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import check_determinism, contains, deny, shifted_crops
 from imnet.data import transforms as tf
-from imnet.data.core import DataError
-from imnet.data.datasets import NAMES, DatasetInfo, build_dataset
+from imnet.data.core import DataError, DatasetInfo
+from imnet.data.datasets import NAMES, build_dataset
 
 MNIST_STATS = ((0.1307,), (0.3081,))
 FASHION_STATS = ((0.2860,), (0.3530,))
@@ -26,16 +27,7 @@ CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 SVHN_STATS = ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
 
 
-def norm(value: float, mean: float, std: float) -> float:
-    """What a uint8 pixel value becomes after ToTensor-style scaling and normalization."""
-    return (value / 255 - mean) / std
-
-
 # ------------------------------------------------------------------------------- file writers
-
-
-def random_images(n: int, c: int, h: int, w: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(n, c, h, w), dtype=np.uint8)
 
 
 def write_idx(folder: str, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -123,12 +115,9 @@ IMAGENET_COLORS = {"n01440764": (200, 30, 40), "n01443537": (20, 180, 60), "n014
 
 def make_imagenet(root, classes=IMAGENET_COLORS, per_class=(3, 2)):
     """root/{train,val}/<wnid>/*.JPEG, each image one solid color per class (survives JPEG exactly)."""
-    for split, n in zip(("train", "val"), per_class):
-        for wnid, color in classes.items():
-            folder = os.path.join(root, split, wnid)
-            os.makedirs(folder)
-            for k in range(n):
-                Image.new("RGB", (40 + 4 * k, 30), color).save(os.path.join(folder, f"{wnid}_{k}.JPEG"), quality=95)
+    colors = list(classes.values())
+    write_jpeg_tree(root, list(classes), dict(zip(("train", "val"), per_class)),
+                    lambda split, c, k: Image.new("RGB", (40 + 4 * k, 30), colors[c]))
 
 
 # ----------------------------------------------------------------------------- MNIST / Fashion
@@ -161,7 +150,7 @@ def test_mnist_augmentation_crops_without_flip(tmp_path):
     ds, _ = build_dataset("mnist", str(tmp_path), "train", augment=True)
     mean, std = MNIST_STATS[0][0], MNIST_STATS[1][0]
     raw = ds.images[1]
-    crops = [tf.normalize_uint8(c, ds._mean, ds._std) for c in shifted_crops(raw, 4)]
+    crops = [ds.normalize(c) for c in shifted_crops(raw, 4)]
     outs = check_determinism(ds, index=1, seeds=range(30))
     for out in outs:
         assert contains(crops, out), "an augmented MNIST image is not a plain 4-px shifted crop (flipped?)"
@@ -223,7 +212,7 @@ def test_cifar10_label_out_of_range(tmp_path):
     make_cifar(tmp_path)
     path = os.path.join(tmp_path, "cifar-10-batches-py", "data_batch_2")
     with open(path, "wb") as fh:
-        pickle.dump({"data": random_images(2, 3, 32, 32, 0).reshape(2, 3072), "labels": [3, 200]}, fh)
+        pickle.dump({"data": random_images(2, 3, 32, 32, seed=0).reshape(2, 3072), "labels": [3, 200]}, fh)
     with pytest.raises(DataError) as err:
         build_dataset("cifar10", str(tmp_path), "train", augment=False)
     assert str(err.value) == f"{path}: label 200 at index 1 is outside 0..9"
@@ -259,10 +248,11 @@ def test_cifar10_not_a_batch(tmp_path):
     make_cifar(tmp_path)
     path = os.path.join(tmp_path, "cifar-10-batches-py", "test_batch")
     with open(path, "wb") as fh:
-        pickle.dump({"data": random_images(2, 3, 32, 32, 0).reshape(2, 3072), "labels": [1, 2, 3]}, fh)
+        pickle.dump({"data": random_images(2, 3, 32, 32, seed=0).reshape(2, 3072), "labels": [1, 2, 3]}, fh)
     with pytest.raises(DataError) as err:
         build_dataset("cifar10", str(tmp_path), "val", augment=False)
-    assert str(err.value) == f"{path}: not a CIFAR batch: 'data' is uint8 (2, 3072), expected uint8 (3, 3072) for its 3 labels"
+    assert str(err.value) == (f"{path}: not a CIFAR batch: 'data' is uint8 (2, 3072), expected uint8 (3, 3072) "
+                              "for its 3 labels")
     with open(path, "r+b") as fh:
         fh.truncate(50)  # a half-written copy
     with pytest.raises(DataError) as err:
@@ -285,8 +275,8 @@ def test_cifar10_exact_and_flip(tmp_path):
 
     ds, _ = build_dataset("cifar10", str(tmp_path), "train", augment=True)
     raw = ds.images[3]
-    plain = [tf.normalize_uint8(c, ds._mean, ds._std) for c in shifted_crops(raw, 4)]
-    flipped = [tf.normalize_uint8(c, ds._mean, ds._std) for c in shifted_crops(raw.flip(-1), 4)]
+    plain = [ds.normalize(c) for c in shifted_crops(raw, 4)]
+    flipped = [ds.normalize(c) for c in shifted_crops(raw.flip(-1), 4)]
     outs = check_determinism(ds, index=3, seeds=range(40))
     assert all(contains(plain, o) or contains(flipped, o) for o in outs)
     n_flipped = sum(contains(flipped, o) and not contains(plain, o) for o in outs)
@@ -324,7 +314,7 @@ def test_svhn_exact_and_no_flip(tmp_path):
     assert build_dataset("svhn", str(tmp_path), "train", augment=False)[0].targets.tolist() == [0, 1, 5, 0, 9]
 
     ds, _ = build_dataset("svhn", str(tmp_path), "train", augment=True)
-    crops = [tf.normalize_uint8(c, ds._mean, ds._std) for c in shifted_crops(ds.images[0], 4)]
+    crops = [ds.normalize(c) for c in shifted_crops(ds.images[0], 4)]
     assert all(contains(crops, o) for o in check_determinism(ds, index=0, seeds=range(30)))
 
 
@@ -363,7 +353,7 @@ def test_digits_split(tmp_path):
     assert torch.equal(again.images, val.images)
     # Augmentation: 4 px crops at 32 px, no flip.
     aug, _ = build_dataset("digits", "", "train", augment=True)
-    crops = [tf.normalize_uint8(c, aug._mean, aug._std) for c in shifted_crops(aug.images[5], 4)]
+    crops = [aug.normalize(c) for c in shifted_crops(aug.images[5], 4)]
     assert all(contains(crops, o) for o in check_determinism(aug, index=5))
 
 
@@ -398,7 +388,7 @@ def test_synthetic_deterministic_and_learnable():
 
 def test_imagenet_folders(tmp_path):
     make_imagenet(tmp_path)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     for split, n in (("train", 9), ("val", 6)):
         ds, info = build_dataset("imagenet", str(tmp_path), split, augment=False, image_size=16)
         assert info == DatasetInfo(3, 3, 16, mean, std)
@@ -417,7 +407,7 @@ def test_imagenet_folders(tmp_path):
 
 def test_imagenet_augmentation_is_seeded(tmp_path):
     # A textured image (solid ones look the same under any crop or flip).
-    pixels = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    pixels = random_images(48, 64, 3, seed=0)
     for split in ("train", "val"):
         os.makedirs(tmp_path / split / "n00000001")
         Image.fromarray(pixels).save(tmp_path / split / "n00000001" / "a.JPEG", quality=95)
@@ -492,3 +482,4 @@ def test_bad_name_and_split():
         build_dataset("synthetic", "", "test", augment=False)
     assert "'test'" in str(err.value) and "train" in str(err.value) and "val" in str(err.value)
     assert NAMES == ("synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet", "tiny_imagenet", "h5")
+

@@ -4,23 +4,22 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import metrics, run, single
+from data_helpers import write_jpeg_tree, write_tiny_imagenet
+from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def write_jpeg_tree(root, classes=2, n_train=8, n_val=3, size=(40, 30)):
+def write_noise_tree(root, classes=2, n_train=8, n_val=3, size=(40, 30)):
+    """An ImageNet tree of noise JPEGs, class c brighter by 120 c: learnable in a few steps."""
     rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c in range(classes):
-            folder = os.path.join(root, split, f"n{c:08d}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(n):
-                arr = (rng.integers(0, 60, (size[1], size[0], 3)) + 120 * c).astype(np.uint8)
-                Image.fromarray(arr).save(os.path.join(folder, f"{split}_{c}_{i}.JPEG"), quality=90)
-    return root
+
+    def image(split, c, k):
+        return Image.fromarray((rng.integers(0, 60, (size[1], size[0], 3)) + 120 * c).astype(np.uint8))
+
+    return write_jpeg_tree(root, [f"n{c:08d}" for c in range(classes)], {"train": n_train, "val": n_val}, image,
+                           name="{split}_{c}_{k}.JPEG", quality=90)
 
 
 def common(tmp_path, name, *more):
@@ -41,7 +40,7 @@ def test_gpu_resident_loader_trains(tmp_path):
 
 
 def test_imagenet_folder_with_a_truncated_jpeg(tmp_path):
-    root = write_jpeg_tree(str(tmp_path / "inet"))
+    root = write_noise_tree(str(tmp_path / "inet"))
     bad = os.path.join(root, "train", "n00000001", "train_1_3.JPEG")
     data = open(bad, "rb").read()
     open(bad, "wb").write(data[: len(data) // 2])
@@ -56,22 +55,13 @@ def test_imagenet_folder_with_a_truncated_jpeg(tmp_path):
 
 
 def test_tiny_imagenet_and_h5_through_the_cli(tmp_path):
-    root = tmp_path / "tiny"
-    wnids = ["n01", "n02"]
-    (root / "val" / "images").mkdir(parents=True)
-    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
     rng = np.random.default_rng(1)
-    ann = []
-    for c, w in enumerate(wnids):
-        (root / "train" / w / "images").mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
-                root / "train" / w / "images" / f"{w}_{i}.JPEG")
-        for i in range(2):
-            name = f"val_{c}_{i}.JPEG"
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "val" / "images" / name)
-            ann.append(f"{name}\t{w}\t0\t0\t63\t63")
-    (root / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
+    train, val = {}, []
+    for c, w in enumerate(("n01", "n02")):
+        train[w] = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(8)]
+        val += [(f"val_{c}_{i}.JPEG", w, Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+                for i in range(2)]
+    root = write_tiny_imagenet(tmp_path / "tiny", list(train), train, val, quality=75)
     run(single("imnet.train", "data.name=tiny_imagenet", f"data.root={root}", "data.batch_size=4",
                "data.loader=gpu", *common(tmp_path, "tiny")))
     assert last_val(tmp_path / "tiny")["n"] == 4
@@ -86,7 +76,7 @@ def test_tiny_imagenet_and_h5_through_the_cli(tmp_path):
 def test_dali_loader_trains_on_2_ranks(tmp_path):
     from conftest import torchrun
 
-    root = write_jpeg_tree(str(tmp_path / "inet"), n_train=10, n_val=3, size=(50, 40))
+    root = write_noise_tree(str(tmp_path / "inet"), n_train=10, n_val=3, size=(50, 40))
     run(torchrun(2, "imnet.train", "data.name=imagenet", f"data.root={root}", "data.image_size=32",
                  "data.batch_size=4", "data.loader=dali", "model.channels_last=true", *common(tmp_path, "dali")))
     rows = metrics(tmp_path / "dali")

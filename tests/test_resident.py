@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from imnet import config, dist
 from imnet import data as D
-from imnet.data import TrainSampler, ValSampler
-from imnet.data.datasets import TensorImageDataset
+from imnet.data.memory import TensorImageDataset
 from imnet.data.resident import ResidentLoader
+from imnet.data.samplers import TrainSampler, ValSampler
 
 CPU = torch.device("cpu")
 
@@ -102,7 +102,7 @@ def test_val_shards_every_image_once():
     ds.augment = False
     seen = []
     for rank in range(3):
-        for x, y in ResidentLoader(ds, ValSampler(23, rank, 3), 4, CPU, False, train=False):
+        for _, y in ResidentLoader(ds, ValSampler(23, rank, 3), 4, CPU, False, train=False):
             seen.append(len(y))
     assert sum(seen) == 23
 

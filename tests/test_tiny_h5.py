@@ -9,21 +9,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import check_determinism, contains, shifted_crops
+from data_helpers import IMAGENET_MEAN, IMAGENET_STD, norm, random_images, write_jpeg_tree, write_tiny_imagenet
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import check_determinism, contains, shifted_crops
 from imnet import atomic, config
 from imnet.data import convert, h5
-from imnet.data import transforms as tf
-from imnet.data.core import DataError
-from imnet.data.datasets import NAMES, DatasetInfo, TensorImageDataset, build_dataset
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def norm(value: float, mean: float, std: float) -> float:
-    return (value / 255 - mean) / std
+from imnet.data.core import DataError, DatasetInfo
+from imnet.data.datasets import NAMES, build_dataset
+from imnet.data.memory import TensorImageDataset
 
 
 def test_names_registered():
@@ -46,25 +41,10 @@ def tiny_image(color, k: int, mode: str = "RGB") -> Image.Image:
 
 
 def make_tiny(root) -> str:
-    root = os.path.join(root, "tiny-imagenet-200")
-    os.makedirs(os.path.join(root, "val", "images"))
-    with open(os.path.join(root, "wnids.txt"), "w") as fh:
-        fh.write("\n".join(TINY) + "\n")
-    for c, (wnid, color) in enumerate(TINY.items()):
-        folder = os.path.join(root, "train", wnid, "images")
-        os.makedirs(folder)
-        with open(os.path.join(root, "train", wnid, f"{wnid}_boxes.txt"), "w") as fh:  # ignored, as in the zip
-            fh.write("")
-        for k in range(4):
-            img = tiny_image(GRAY, k, "L") if (c, k) == (1, 2) else tiny_image(color, k)
-            img.save(os.path.join(folder, f"{wnid}_{k}.JPEG"), quality=95)
-    lines = []
-    for name, wnid in VAL:
-        tiny_image(TINY[wnid], 1).save(os.path.join(root, "val", "images", name), quality=95)
-        lines.append(f"{name}\t{wnid}\t0\t3\t60\t61\n")
-    with open(os.path.join(root, "val", "val_annotations.txt"), "w") as fh:
-        fh.writelines(lines)
-    return root
+    train = {wnid: [tiny_image(GRAY, k, "L") if (c, k) == (1, 2) else tiny_image(color, k) for k in range(4)]
+             for c, (wnid, color) in enumerate(TINY.items())}
+    val = [(name, wnid, tiny_image(TINY[wnid], 1)) for name, wnid in VAL]
+    return write_tiny_imagenet(os.path.join(root, "tiny-imagenet-200"), list(TINY), train, val)
 
 
 def test_tiny_imagenet_official_layout(tmp_path):
@@ -72,7 +52,7 @@ def test_tiny_imagenet_official_layout(tmp_path):
     colors = list(TINY.values())
     for split, labels in (("train", [0] * 4 + [1] * 4 + [2] * 4), ("val", [2, 0, 2])):
         ds, info = build_dataset("tiny_imagenet", root, split, augment=False)
-        assert info == DatasetInfo(3, 3, 64, MEAN, STD)
+        assert info == DatasetInfo(3, 3, 64, IMAGENET_MEAN, IMAGENET_STD)
         assert len(ds) == len(labels) and ds.targets.tolist() == labels and ds.targets.dtype == torch.int64
         assert ds.images.shape == (len(labels), 3, 64, 64) and ds.classes == list(TINY)
         for i, y in enumerate(labels):
@@ -80,7 +60,8 @@ def test_tiny_imagenet_official_layout(tmp_path):
             assert x.dtype == torch.float32 and x.shape == (3, 64, 64) and label == y
             want = (GRAY,) * 3 if (split, i) == ("train", 6) else colors[y]
             for ch in range(3):  # far from the white square; JPEG keeps a solid area within a few levels
-                assert abs(x[ch, 60, 60].item() - norm(want[ch], MEAN[ch], STD[ch])) < 4 / 255 / STD[ch]
+                mean, std = IMAGENET_MEAN[ch], IMAGENET_STD[ch]
+                assert abs(x[ch, 60, 60].item() - norm(want[ch], mean, std)) < 4 / 255 / std
     gray = build_dataset("tiny_imagenet", root, "train", augment=False)[0].images[6]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])  # grayscale -> RGB
 
@@ -90,8 +71,8 @@ def test_tiny_imagenet_augmentation(tmp_path):
     ds, _ = build_dataset("tiny_imagenet", root, "train", augment=True)
     plain, _ = build_dataset("tiny_imagenet", root, "train", augment=False)
     raw = ds.images[5]
-    crops = [tf.normalize_uint8(c, ds._mean, ds._std) for c in shifted_crops(raw, 8)]  # 8 px at 64 px
-    flipped = [tf.normalize_uint8(c, ds._mean, ds._std) for c in shifted_crops(raw.flip(-1), 8)]
+    crops = [ds.normalize(c) for c in shifted_crops(raw, 8)]  # 8 px at 64 px
+    flipped = [ds.normalize(c) for c in shifted_crops(raw.flip(-1), 8)]
     outs = check_determinism(ds, 5, seeds=range(30))
     assert all(contains(crops, o) or contains(flipped, o) for o in outs)
     assert any(contains(flipped, o) and not contains(crops, o) for o in outs), "natural images should flip"
@@ -150,14 +131,10 @@ def write_old(folder, ids, images: np.ndarray, labels, one_hot: int = 0, name: s
         fh.write("".join(f"{sid}\n" for sid in ids))
 
 
-def rand_images(n, h, w, c, seed) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
-
-
 def make_old_folders(root):
     """train/ with one-hot labels (length 4), val/ with integer labels up to 5; C = 3, 8x8 px."""
-    data = {"train": (rand_images(6, 8, 8, 3, 1), [0, 1, 2, 3, 1, 0], 4),
-            "val": (rand_images(3, 8, 8, 3, 2), [5, 2, 0], 0)}
+    data = {"train": (random_images(6, 8, 8, 3, seed=1), [0, 1, 2, 3, 1, 0], 4),
+            "val": (random_images(3, 8, 8, 3, seed=2), [5, 2, 0], 0)}
     for split, (images, labels, one_hot) in data.items():
         write_old(os.path.join(root, split), [f"{split}-{i:03d}" for i in range(len(labels))], images, labels, one_hot)
     return data
@@ -234,7 +211,7 @@ def test_old_h5_errors(tmp_path):
     with pytest.raises(ValueError, match="'r'"):  # both splits open the whole file's ids
         build_dataset("h5", str(tmp_path / "b"), "train", augment=False)
 
-    write_old(tmp_path / "c", ["p", "q"], rand_images(2, 4, 6, 1, 0), [0, 1])
+    write_old(tmp_path / "c", ["p", "q"], random_images(2, 4, 6, 1, seed=0), [0, 1])
     with pytest.raises(ValueError, match="H == W"):
         build_dataset("h5", str(tmp_path / "c"), "train", augment=False)
 
@@ -308,11 +285,8 @@ def test_convert_in_place_prefers_fast_layout(tmp_path, capsys):
 
 def test_convert_imagenet_resizes_and_center_crops(tmp_path, capsys):
     colors = {"n01440764": (200, 30, 40), "n01443537": (20, 180, 60)}
-    for split, n in (("train", 3), ("val", 1)):
-        for wnid, color in colors.items():
-            os.makedirs(tmp_path / "in" / split / wnid)
-            for k in range(n):
-                Image.new("RGB", (40 + 9 * k, 30), color).save(tmp_path / "in" / split / wnid / f"{k}.JPEG", quality=95)
+    write_jpeg_tree(tmp_path / "in", list(colors), {"train": 3, "val": 1},
+                    lambda split, c, k: Image.new("RGB", (40 + 9 * k, 30), list(colors.values())[c]), name="{k}.JPEG")
     with pytest.raises(SystemExit):
         convert.main(["--dataset", "imagenet", "--root", str(tmp_path / "in"), "--out", str(tmp_path / "out")])
     assert "--image-size is required" in capsys.readouterr().err
@@ -432,7 +406,7 @@ def write_fast(root, split, labels, n=None, **attrs) -> str:
     path = os.path.join(root, f"{split}.h5")
     n = len(labels) if n is None else n
     with h5py.File(path, "w") as f:
-        f["images"] = rand_images(n, 4, 4, 3, seed=n)
+        f["images"] = random_images(n, 4, 4, 3, seed=n)
         f["labels"] = np.asarray(labels)
         f.attrs.update({"format": "imnet-h5-v1", "num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3, **attrs})
     return path
@@ -453,7 +427,7 @@ def test_h5_float_labels_must_be_whole(tmp_path):
     assert raised(tmp_path) == f"{train}: label 5.7 at index 2 is not a whole number"
 
     ids = ["p", "q"]
-    write_old(tmp_path / "old", ids, rand_images(2, 4, 4, 1, 0), [0, 1])
+    write_old(tmp_path / "old", ids, random_images(2, 4, 4, 1, seed=0), [0, 1])
     with h5py.File(tmp_path / "old" / "data.hdf5", "a") as f:
         del f["q/label"]
         f["q/label"] = np.float32(5.7)
@@ -466,7 +440,7 @@ def test_h5_float_labels_must_be_whole(tmp_path):
     ([0, 0.5, 0, 0], "one-hot label holds 0.5, not only 0 and 1"),
 ])
 def test_h5_one_hot_rows_must_be_exact(tmp_path, row, reason):
-    write_old(tmp_path, ["a", "b", "c"], rand_images(3, 4, 4, 3, 0), [0, 2, 1], one_hot=4)
+    write_old(tmp_path, ["a", "b", "c"], random_images(3, 4, 4, 3, seed=0), [0, 2, 1], one_hot=4)
     with h5py.File(tmp_path / "data.hdf5", "a") as f:
         del f["b/label"]
         f["b/label"] = np.array(row, dtype=np.float32)
@@ -481,7 +455,7 @@ def test_h5_stated_class_count_is_kept(tmp_path):
     train = write_fast(tmp_path, "train", [0, 1, 2, 1], num_classes=0)
     assert raised(tmp_path) == f"{train}: attribute num_classes is 0, expected a positive integer"
 
-    write_old(tmp_path / "old", ["p", "q", "r"], rand_images(3, 4, 4, 1, 0), [0, 4, 1])
+    write_old(tmp_path / "old", ["p", "q", "r"], random_images(3, 4, 4, 1, seed=0), [0, 4, 1])
     with h5py.File(tmp_path / "old" / "data.hdf5", "a") as f:
         f.attrs["num_classes"] = 3
     msg = raised(tmp_path / "old")  # the holdout split puts 'q' at index 0 or 1 of its split

@@ -296,7 +296,7 @@ def _pipeline(loader: DaliLoader, files: list[str], ids: list[int], seed: int):
             rh, rw = (R * h) // short, (R * w) // short
             images = fn.resize(images, resize_y=fn.cast(rh, dtype=types.FLOAT),
                                resize_x=fn.cast(rw, dtype=types.FLOAT), **linear)
-            images = fn.slice(images, fn.stack(_center(rh, S), _center(rw, S)),
+            images = fn.slice(images, fn.stack(center_offset(rh, S), center_offset(rw, S)),
                               types.Constant([S, S], dtype=types.INT32), axis_names="HW")
         else:  # tiny_imagenet: the torch loader's in-memory recipe
             images = fn.decoders.image(jpegs, **decode_kw)
@@ -314,7 +314,7 @@ def _pipeline(loader: DaliLoader, files: list[str], ids: list[int], seed: int):
     return pipe()
 
 
-def _center(size, S):
+def center_offset(size, S):
     """torchvision CenterCrop's offset int(round((size - S) / 2)), Python's half-to-even, as int32."""
     from nvidia.dali import fn, types
 
