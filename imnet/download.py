@@ -20,7 +20,7 @@ from urllib.error import URLError
 from torchvision import datasets as tvd
 from torchvision.datasets import utils as tvu
 
-from imnet.data.datasets import IMAGENET_HELP, DOWNLOAD_NAMES
+from imnet.data.datasets import DOWNLOAD_NAMES, IMAGENET_HELP
 
 
 def _mnist(root: str) -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import io
 import os
 import pickle
 import struct
+import subprocess
+import sys
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -17,6 +22,7 @@ from data_helpers import IMAGENET_MEAN, IMAGENET_STD, norm, random_images, write
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import imnet.data
 from imnet.data import transforms as tf
 from imnet.data.core import DataError, DatasetInfo
 from imnet.data.datasets import NAMES, build_dataset
@@ -483,3 +489,58 @@ def test_bad_name_and_split():
     assert "'test'" in str(err.value) and "train" in str(err.value) and "val" in str(err.value)
     assert NAMES == ("synthetic", "digits", "mnist", "fashion", "cifar10", "svhn", "imagenet", "tiny_imagenet", "h5")
 
+
+# ------------------------------------------------------------------------------------- layering
+
+DATA = Path(imnet.data.__file__).parent
+LEAVES = {"core", "memory", "samplers", "transforms", "safe_pickle"}  # import no other imnet.data module
+
+
+def imnet_imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of every import from imnet in a file, those inside functions included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("imnet"):
+            out += [(node.module, a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(a.name, "") for a in node.names if a.name.startswith("imnet")]
+    return out
+
+
+def test_data_modules_are_layered():
+    """No module of imnet.data imports the package face or another module's private name, the leaves
+    import only leaves, and the imports between modules (lazy ones too) form no cycle."""
+    modules = {p.stem for p in DATA.glob("*.py")} - {"__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in sorted(modules | {"__init__"}):
+        deps = set()
+        for module, imported in imnet_imports(DATA / f"{name}.py"):
+            assert not imported.startswith("_"), f"imnet/data/{name}.py imports {module}.{imported}"
+            if module == "imnet.data":  # `from imnet.data import h5` names a module; anything else is the face
+                assert imported in modules, f"imnet/data/{name}.py imports {imported} from the package face"
+                deps.add(imported)
+            elif module.startswith("imnet.data."):
+                deps.add(module.split(".")[2])
+        graph[name] = deps
+    assert not any("__init__" in deps for deps in graph.values())
+    for leaf in LEAVES:
+        assert graph[leaf] <= LEAVES, f"leaf {leaf} imports {graph[leaf] - LEAVES}"
+    tuple(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a cycle
+
+
+def test_each_data_module_imports_first():
+    """Every imnet.data module imports with no imnet module loaded before it (but the package face, which
+    Python runs first): no import works only in some order. One interpreter; imnet's modules are dropped
+    before each import."""
+    code = """
+import importlib, pkgutil, sys
+import imnet.data
+names = sorted(m.name for m in pkgutil.iter_modules(imnet.data.__path__))
+for name in names:
+    for loaded in [m for m in sys.modules if m == "imnet" or m.startswith("imnet.")]:
+        del sys.modules[loaded]
+    importlib.import_module("imnet.data." + name)
+print(len(names))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    assert int(out.stdout) == len(list(DATA.glob("*.py"))) - 1
