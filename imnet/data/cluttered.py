@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from imnet.data import h5
-from imnet.data.datasets import SPLITS, build_dataset
+from imnet.data.core import SPLITS
+from imnet.data.datasets import build_dataset
 
 SIZE = 32               # px, the canvas
 DIGIT = (18, 26)        # px, side of a placed digit (inclusive range)

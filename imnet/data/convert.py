@@ -28,7 +28,9 @@ import numpy as np
 from PIL import Image
 
 from imnet.data import h5
-from imnet.data.datasets import NAMES, SPLITS, ImageFolderDataset, TensorImageDataset, build_dataset
+from imnet.data.core import SPLITS
+from imnet.data.datasets import NAMES, ImageFolderDataset, build_dataset
+from imnet.data.memory import TensorImageDataset
 
 _BATCH = 1024  # images per HDF5 write for in-memory datasets
 
