@@ -36,21 +36,24 @@ def _spec(t) -> tuple | None:
     return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
 
 
-def _entry(key: tuple, make) -> list:
+def call_key(x, weight, bias, other, groups: int, act: Act, rows_per_chunk) -> tuple:
+    """The part of a forward's and its backward's cache keys they share; `other`: the residual (the
+    forward) or the output y that the residual epilogue's backward reads."""
+    return (x.shape, x.device, _spec(x), _spec(weight), _spec(bias), _spec(other), groups, act, rows_per_chunk)
+
+
+def forward(x, weight, bias, groups: int, eps: float, act: Act, residual=None, rows_per_chunk=None, base=None):
+    """(y, the float32 statistics buffer (2, plane), the call's plan.Launches). act: the epilogue
+    (RESIDUAL_RELU with `residual`); base: call_key(x, weight, bias, residual, ...) if known. mean_rstd()
+    reads the buffer. One allocation for the partials and the per-group values instead of three (each
+    about as costly as a launch on the host)."""
+    if base is None:
+        base = call_key(x, weight, bias, residual, groups, act, rows_per_chunk)
+    key = ("fwd", base, eps)
     entry = _calls.get(key)
     if entry is None:
-        entry = _calls[key] = [make(), None]
-    return entry
-
-
-def forward(x, weight, bias, groups: int, eps: float, act: Act, residual=None, rows_per_chunk=None):
-    """(y, the float32 statistics buffer (2, plane), the call's plan.Launches). act: the epilogue
-    (RESIDUAL_RELU with `residual`). mean_rstd() reads the buffer. One allocation for the partials
-    and the per-group values instead of three (each about as costly as a launch on the host)."""
-    N, C, H, W = x.shape
-    key = ("fwd", x.shape, x.device, _spec(x), _spec(weight), _spec(bias), _spec(residual), groups, eps, act,
-           rows_per_chunk)
-    entry = _entry(key, lambda: plan.forward(N, C, H * W, groups, eps, act, sm_count(x.device), rows_per_chunk))
+        N, C, H, W = x.shape
+        entry = _calls[key] = [plan.forward(N, C, H * W, groups, eps, act, sm_count(x.device), rows_per_chunk), None]
     stats = torch.empty((2, entry[0].plane), device=x.device, dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.channels_last)
     launch.issue(entry, x, {"x": x, "y": y, "residual": residual, "stats": stats, "weight": weight, "bias": bias})
@@ -64,15 +67,17 @@ def mean_rstd(stats: torch.Tensor, moff: int, n: int, groups: int) -> torch.Tens
 
 
 def backward(dy, x, y, weight, bias, stats, groups: int, act: Act, rows_per_chunk, need_dx: bool,
-             need_dparams: bool):
+             need_dparams: bool, base: tuple):
     """(dx, dgamma, dbeta, d residual), None for those not asked for (d residual: RESIDUAL_RELU only).
-    y: the forward's output (read for the mask of RESIDUAL_RELU only); stats: its statistics buffer."""
-    N, C, H, W = x.shape
+    y: the forward's output (read for the mask of RESIDUAL_RELU only); stats: its statistics buffer;
+    base: the forward's call_key."""
     residual = act == Act.RESIDUAL_RELU
-    key = ("bwd", x.shape, x.device, _spec(dy), _spec(x), _spec(y) if residual else None, _spec(weight),
-           _spec(bias), groups, act, rows_per_chunk, need_dx, need_dparams)
-    entry = _entry(key, lambda: plan.backward(N, C, H * W, groups, act, sm_count(x.device), rows_per_chunk,
-                                              need_dx, need_dparams))
+    key = ("bwd", base, _spec(dy), need_dx, need_dparams)
+    entry = _calls.get(key)
+    if entry is None:
+        N, C, H, W = x.shape
+        entry = _calls[key] = [plan.backward(N, C, H * W, groups, act, sm_count(x.device), rows_per_chunk, need_dx,
+                                             need_dparams), None]
     part = torch.empty_like(stats)   # row 0 sum(dy) partials then c1, row 1 sum(dy*xhat) then c2
     dr = torch.empty_like(x, memory_format=torch.channels_last) if residual else None
     dgamma = torch.empty_like(weight) if need_dparams else None
@@ -106,7 +111,8 @@ class GroupNormNHWC(torch.autograd.Function):
         # (Inside forward autograd records nothing: the parameters go to the kernels as they are.)
         w, b = _affine(x, weight, bias)
         code = epilogue(act, residual)
-        y, stats, _ = forward(x, w, b, groups, eps, code, residual, rows_per_chunk)
+        ctx.base = call_key(x, w, b, residual, groups, code, rows_per_chunk)
+        y, stats, _ = forward(x, w, b, groups, eps, code, residual, rows_per_chunk, ctx.base)
         ctx.save_for_backward(x, w, b, stats, y if residual is not None else None)
         ctx.groups, ctx.act, ctx.rows_per_chunk = groups, code, rows_per_chunk
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
@@ -120,7 +126,7 @@ class GroupNormNHWC(torch.autograd.Function):
             return (None,) * 8
         need_dparams = (need_dw and ctx.has_weight) or (need_db and ctx.has_bias)
         dx, dw, db, dr = backward(_channels_last(dy), x, y, w, b, stats, ctx.groups, ctx.act, ctx.rows_per_chunk,
-                                  need_dx, need_dparams)
+                                  need_dx, need_dparams, ctx.base)
         dw = dw if need_dw and ctx.has_weight else None   # in the parameters' dtypes already
         db = db if need_db and ctx.has_bias else None
         return dx, dw, db, dr if need_dr else None, None, None, None, None
@@ -197,8 +203,10 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Te
     _, plane, moff = plan.layout(N, C, H * W, groups, sm_count(x.device), rows_per_chunk)
     stats = torch.empty((2, plane), device=x.device, dtype=torch.float32)
     mean_rstd(stats, moff, N, groups).copy_(moments)
+    residual = act == Act.RESIDUAL_RELU
+    base = call_key(x, weight, bias, y if residual else None, groups, act, rows_per_chunk)
     grads = backward(_channels_last(dy), x, y, weight, bias, stats, groups, act, rows_per_chunk, need_dx,
-                     need_dparams)
+                     need_dparams, base)
     return tuple(x.new_empty(0) if t is None else t for t in grads)  # (distinct empties: no aliases)
 
 
