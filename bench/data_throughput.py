@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 import torch
-
 from benchmarks_md import append_rows
 
 

@@ -189,8 +189,8 @@ def main() -> int:
     from imnet.kernels.gn.plan import tuning
 
     print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}, IMNET_GN_TUNE={tuning()}")
-    print("| N | C | HxW | dtype | epilogue | chunks | y | dx | dgamma | dbeta | dres | ReLU ties | dx, dy kept at ties "
-          "| result |")
+    print("| N | C | HxW | dtype | epilogue | chunks | y | dx | dgamma | dbeta | dres | ReLU ties "
+          "| dx, dy kept at ties | result |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     failures = 0
     cases = [(n, c, h, w, dt, ep, None) for n in args.batches for (c, h, w) in resnet50_norm_shapes()

@@ -36,9 +36,8 @@ import sys
 import time
 
 import torch
-from torch import nn
-
 from benchmarks_md import append_rows
+from torch import nn
 
 MARKER = "<!-- gn_host_overhead rows -->"
 
@@ -89,9 +88,9 @@ def main() -> int:
     tune = f", IMNET_GN_TUNE={tuning()} ({'local kernels' if plan(1, 64, 4, 32, 1).local else 'split plan'})" \
         if str(tuning()) else ""
     row = (f"| {datetime.date.today()}, CPU {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}, "
-           f"triton {triton.__version__}{tune}, median of {a.repeats} x {a.iters} | {us['bn']:.0f} | {us['native']:.0f} | "
-           f"{us['imnet']:.0f} | {us['imnet'] / us['native']:.2f}x | {us['imnet'] / us['bn']:.2f}x | "
-           f"{53 * (us['imnet'] - us['bn']) / 1e3:.1f} |")
+           f"triton {triton.__version__}{tune}, median of {a.repeats} x {a.iters} | {us['bn']:.0f} "
+           f"| {us['native']:.0f} | {us['imnet']:.0f} | {us['imnet'] / us['native']:.2f}x "
+           f"| {us['imnet'] / us['bn']:.2f}x | {53 * (us['imnet'] - us['bn']) / 1e3:.1f} |")
     print("| setup | bn us/layer | native us/layer | imnet us/layer | imnet/native | imnet/bn "
           "| imnet's extra host ms per ResNet-50 step over bn (53 layers) |")
     print(row)

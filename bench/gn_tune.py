@@ -27,7 +27,6 @@ import sys
 import time
 
 import torch
-
 from benchmarks_md import append_rows, gpu_head
 
 MARKER = "<!-- gn_tune rows -->"
@@ -100,10 +99,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gn_tune: needs a CUDA GPU", file=sys.stderr)
         return 2
+    from norm_kernels import make_step, time_methods
+
     from imnet.kernels import precompile
     from imnet.kernels.common import Act
     from imnet.models.resnet import resnet50_norm_shapes
-    from norm_kernels import make_step, time_methods
 
     t0 = time.perf_counter()
     torch.backends.cudnn.benchmark = True
@@ -159,8 +159,8 @@ def main() -> int:
     print("|---|---|---|---|" + "---|" * (3 * len(args.batches)) + "---|---|")
     rows = []
     for cfg, res in results.items():
-        vals = " | ".join(f"{res[n]['imnet'] * 1e3:.2f} | {res[n]['bn'] * 1e3:.2f} | {res[n]['imnet'] / res[n]['bn']:.3f}"
-                          for n in args.batches)
+        vals = " | ".join(f"{res[n]['imnet'] * 1e3:.2f} | {res[n]['bn'] * 1e3:.2f} "
+                          f"| {res[n]['imnet'] / res[n]['bn']:.3f}" for n in args.batches)
         row = f"| {head} | {cfg or '(defaults)'} | {vals} | {score(res):.3f} | {'yes' if cfg == best else ''} |"
         print(row)
         rows.append(row)

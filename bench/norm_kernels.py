@@ -42,9 +42,8 @@ import statistics
 import sys
 
 import torch
-from torch import nn
-
 from benchmarks_md import append_rows, gpu_head
+from torch import nn
 
 MARKER = "<!-- norm_kernels rows -->"
 METHODS = ("bn", "gn", "gn_compile", "imnet")
@@ -115,7 +114,8 @@ def graphed(step, iters: int):
     return graph.replay
 
 
-def time_methods(steps: dict, iters: int, repeats: int, cuda_graph: bool, tunes: dict | None = None) -> dict[str, float]:
+def time_methods(steps: dict, iters: int, repeats: int, cuda_graph: bool,
+                 tunes: dict | None = None) -> dict[str, float]:
     """Seconds per step of each method: eager steps, or `iters` steps captured as one CUDA graph;
     `tunes` {method: IMNET_GN_TUNE string}: the launch plan to capture that method's steps under."""
     if not cuda_graph:

@@ -37,7 +37,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from benchmarks_md import append_rows, gpu_head
 
 MARKER = "<!-- rn50_throughput rows -->"

@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import torch
-
 from benchmarks_md import append_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -35,8 +35,9 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "o
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
         hit = topk == y[:, None]
+        count = torch.tensor(float(y.numel()), device=device, dtype=torch.float64)
         acc += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
-                            hit.any(1).sum().double(), torch.tensor(float(y.numel()), device=device, dtype=torch.float64)])
+                            hit.any(1).sum().double(), count])
     dist.all_reduce(acc)
     model.train(was_training)
     loss, c1, c5, n = acc.tolist()

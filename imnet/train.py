@@ -14,7 +14,6 @@ import signal
 import sys
 
 import torch
-
 import torch.distributed as tdist
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -137,13 +136,15 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
     resume_path = found
     if resume_path:  # every rank reads it; refused (ResumeError) or warned about before any weight is loaded
         state = checkpoint.load(resume_path)
-        warnings = resume.check(state, resume_path, config.to_dict(cfg), world=d.world, shapes=engine.shapes(eng.module),
-                                global_batch=global_batch, steps_per_epoch=spe, total=total, lr_at=lr_at)
+        warnings = resume.check(state, resume_path, config.to_dict(cfg), world=d.world,
+                                shapes=engine.shapes(eng.module), global_batch=global_batch, steps_per_epoch=spe,
+                                total=total, lr_at=lr_at)
         step, epoch, pos, bad_in_row = state["step"], state["epoch"], state["pos"], state["bad_in_row"]
         if d.is_main:
             print(f"resumed from {resume_path} at step {step} (epoch {epoch}, step {pos} of {spe})", flush=True)
             for w in warnings:
-                print(f"warning: resuming with {w}: the run will not follow the trajectory it would have had", flush=True)
+                print(f"warning: resuming with {w}: the run will not follow the trajectory it would have had",
+                      flush=True)
         eng.restore(state, resume_path)  # DeepSpeed reads its shards on every rank
         checkpoint.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
         del state
@@ -224,8 +225,8 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
                 if bad_in_row >= cfg.dist.max_nonfinite:
                     latest = ckpt.latest()
                     raise FloatingPointError(
-                        f"{bad_in_row} non-finite losses in a row (dist.max_nonfinite={cfg.dist.max_nonfinite}) at step "
-                        f"{step}: lower optim.base_lr or check the data; "
+                        f"{bad_in_row} non-finite losses in a row (dist.max_nonfinite={cfg.dist.max_nonfinite}) "
+                        f"at step {step}: lower optim.base_lr or check the data; "
                         + (f"{latest} is the newest checkpoint, written before the streak" if latest else
                            "no checkpoint was written before the streak"))
                 if out.stop:  # a signal: checkpoint at this step boundary and leave, to be resumed
@@ -233,7 +234,8 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
                     log.print(f"stopped by signal at step {step}; " + ("checkpoint saved" if saved else
                               f"no checkpoint: inside a streak of {bad_in_row} non-finite losses, the next run "
                               f"resumes from {ckpt.latest() or 'the start'}"))
-                    return {"stopped": True, "step": step, "notes": log.close(signum=StopRequest.signum or signal.SIGTERM)}
+                    notes = log.close(signum=StopRequest.signum or signal.SIGTERM)
+                    return {"stopped": True, "step": step, "notes": notes}
                 every = cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0
                 if (every or owed) and pos < spe and step < total:
                     with win.paused():

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py") and f != "benchmarks_md.py")
@@ -37,8 +36,8 @@ def _ended(log: str) -> list[str]:
 def test_gpu_session_runs_every_step_without_a_gpu(tmp_path):
     before = open(os.path.join(ROOT, "BENCHMARKS.md")).read()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_session.sh"), "300"], env={**env, "OUT": str(tmp_path)},
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_session.sh"), "300"],
+                       env={**env, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600)
     log = (tmp_path / "session.log").read_text()
     assert r.returncode == 2, r.stdout + r.stderr  # the correctness check's status: no GPU
     for step in STEPS:

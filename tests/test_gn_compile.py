@@ -54,8 +54,8 @@ def _cubins(cache) -> set:
 
 def test_every_resnet50_launch_compiles_for_sm90_without_spills(tmp_path):
     cache = tmp_path / "cache"
-    r = _cli("--arch", "90", "--sms", "132", "--batches", "2", "32", "--dtypes", "bf16", "fp32", "--jobs", "2", "--report",
-             cache=cache)
+    r = _cli("--arch", "90", "--sms", "132", "--batches", "2", "32", "--dtypes", "bf16", "fp32", "--jobs", "2",
+             "--report", cache=cache)
     assert r.returncode == 0, r.stderr
     count = int(re.search(r"precompile: (\d+) kernel specializations for sm_90 \(132 SMs\)", r.stdout).group(1))
     reported = dict(re.findall(r"  (_\w+): \d+ variants, registers \d+-\d+, spill bytes (\d+)", r.stdout))
@@ -70,8 +70,8 @@ def test_local_kernels_compile_for_sm90_without_spills(tmp_path):
     images, where the plan picks them for every layer of 256 or more channels; the two ReLU epilogues
     (the most registers). Measured here (Triton 3.8.0), these two epilogues: 52 launches in 25 s,
     registers per thread at most 113 (_fwd_local) and 138 (_bwd_local)."""
-    r = _cli("--arch", "90", "--sms", "132", "--batches", "256", "--dtypes", "bf16", "--epilogues", "relu", "residual_relu",
-             "--jobs", "2", "--report", cache=tmp_path, tune="local=64")
+    r = _cli("--arch", "90", "--sms", "132", "--batches", "256", "--dtypes", "bf16", "--epilogues", "relu",
+             "residual_relu", "--jobs", "2", "--report", cache=tmp_path, tune="local=64")
     assert r.returncode == 0, r.stderr
     assert "IMNET_GN_TUNE=local=64" in r.stdout
     reported = dict(re.findall(r"  (_\w+): \d+ variants, registers \d+-\d+, spill bytes (\d+)", r.stdout))
