@@ -28,17 +28,16 @@ outputs (y, dx, d residual) float32 1e-4, float16 2e-3, bfloat16 1e-2 (a GPU rou
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from imnet.kernels.common import Act
+from imnet.dtypes import DTYPES
+from imnet.kernels.common import Act, interpreting
 
 OUT_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 PARAM_BOUND = 1e-4
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EPILOGUES = {"plain": (Act.NONE, False), "relu": (Act.RELU, False), "residual": (Act.RELU, True)}
 
 
@@ -178,7 +177,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gn_gpu_check: needs a CUDA GPU (the CPU tests are tests/test_gn_kernels.py)", file=sys.stderr)
         return 2
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if args.device == "cpu" and not interpreting():
         p.error("--device cpu needs TRITON_INTERPRET=1")
     import triton
 

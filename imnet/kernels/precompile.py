@@ -35,10 +35,10 @@ import time
 
 import torch
 
+from imnet.dtypes import DTYPES
 from imnet.kernels.common import Act
 from imnet.kernels.gn import plan
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ACTS = {a.name.lower(): a for a in Act}   # --epilogues: none relu residual_relu
 KERNELS = ("_fwd_stats", "_fwd_combine", "_fwd_apply", "_bwd_reduce", "_bwd_combine", "_bwd_apply")
 LOCAL_KERNELS = ("_fwd_local", "_bwd_local")   # launched only with IMNET_GN_TUNE=local=...
