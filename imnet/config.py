@@ -5,7 +5,8 @@
 Every section forbids unknown keys and checks types and ranges, so a typo such as
 `optim.lr=0.1` (the key is `base_lr`) is an error that names the key path, before any process
 starts. Cross-field checks (GN groups must divide every norm's channels, schedule milestones must
-fall inside the run) live in `Config._check`. The resolved tree is saved with every run.
+fall inside the run) live in `Config._check`; the norms' channels and map sizes come from imnet.arch's
+arithmetic, so validating builds no model and imports no torch. The resolved tree is saved with every run.
 """
 
 from __future__ import annotations
