@@ -2,23 +2,11 @@
 
 The interpreter (tests/test_gn_kernels.py) checks what the kernels compute but never runs Triton's
 compiler, which rejects programs the interpreter accepts (a loop-carried value changing type, a
-block shape that is not a power of two, ...). Here `python -m imnet.kernels.precompile` runs the
-real launchers on meta tensors for every distinct ResNet-50 norm shape at 2 and 32 images, in
-bfloat16 and float32 (float16 as well costs CI 25 s more; it was run, see below) and each epilogue,
-with the H100's 132 SMs in the launch plan, and has Triton's JIT compile every distinct launch for
-sm_90 down to a cubin; ptxas -v must report no register spills.
-
-Measured on this 2-core machine with Triton 3.8.0 (installed here): 305 distinct launches, compiled
-in 59 s by 2 processes, no spills, most registers per thread 156 (_bwd_reduce), then 117
-(_bwd_apply), the others <= 80. `python -m imnet.kernels.precompile --arch 90 --sms 132 --jobs 2
---report` (batches 1, 2, 32, 256, all three dtypes and epilogues): 635 launches, no spills, with
-Triton 3.8.0 (132 s, at most 156 registers) and with 3.6.0 (the GPU machine's version, installed
-aside: 119 s, at most 160). The same with IMNET_GN_TUNE=local=16 and local=64 (640 and 703
-launches): no spills with Triton 3.6.0 (local kernels at most 168 and 194 registers); with 3.8.0 a
-few local variants spill 4-16 bytes where ptxas chose fewer registers (e.g. local=16's forward on
-14x14, 80 registers and 4 bytes each way), none in the test below. local=16,tile=16384 (bf16, 2, 32
-and 256 images): no spills with 3.8.0; with 3.6.0 its 16-warp backward on 56x56 and 112x112 (tiles
-of 1024 rows, capped at 128 registers) spills 48-124 bytes.
+block shape that is not a power of two, ...). Here `python -m imnet.kernels.precompile` takes the
+launch plan of every distinct ResNet-50 norm shape at 2 and 32 images, in bfloat16 and float32 and
+each epilogue, with the H100's 132 SMs, and has Triton's JIT compile every distinct launch for sm_90
+down to a cubin; ptxas -v must report no register spills. Registers and compile times of the full
+set (all batches, dtypes and the local kernels' plans) are in BENCHMARKS.md.
 """
 
 import gc
@@ -33,9 +21,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from imnet.kernels import precompile, reference  # noqa: E402
-from imnet.kernels.common import Act  # noqa: E402
-from imnet.kernels.gn import launch, ops, plan  # noqa: E402
+from imnet.kernels import precompile, reference
+from imnet.kernels.common import Act
+from imnet.kernels.gn import launch, ops, plan
 
 KERNELS = set(precompile.KERNELS)
 
@@ -68,8 +56,7 @@ def test_every_resnet50_launch_compiles_for_sm90_without_spills(tmp_path):
 def test_local_kernels_compile_for_sm90_without_spills(tmp_path):
     """IMNET_GN_TUNE=local=64 (the widest blocks: 64 lanes, a 64 x 64 group-membership mask) at 256
     images, where the plan picks them for every layer of 256 or more channels; the two ReLU epilogues
-    (the most registers). Measured here (Triton 3.8.0), these two epilogues: 52 launches in 25 s,
-    registers per thread at most 113 (_fwd_local) and 138 (_bwd_local)."""
+    (the most registers)."""
     r = _cli("--arch", "90", "--sms", "132", "--batches", "256", "--dtypes", "bf16", "--epilogues", "relu",
              "residual_relu", "--jobs", "2", "--report", cache=tmp_path, tune="local=64")
     assert r.returncode == 0, r.stderr

@@ -56,5 +56,5 @@ def load(path: str | os.PathLike) -> Any:
             return _Unpickler(fh, path).load()
         except DataError:
             raise
-        except Exception as e:  # noqa: BLE001 - truncated or not a pickle: any failure means the same
+        except Exception as e:
             raise DataError(f"{path}: not a CIFAR batch: {type(e).__name__}: {' '.join(str(e).split())}") from None

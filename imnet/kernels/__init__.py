@@ -35,7 +35,7 @@ def triton_available() -> bool:
     global _triton_imports
     if _triton_imports is None:
         try:
-            import triton  # noqa: F401
+            import triton
             import triton.language  # noqa: F401
             _triton_imports = True
         except Exception:  # ImportError, or a broken install that fails while importing
