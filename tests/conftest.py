@@ -92,10 +92,11 @@ def train_losses(run_dir) -> dict[int, float]:
 
 
 def final_checkpoint(run_dir) -> dict:
-    """The run's newest whole checkpoint (what `latest` names), loaded as a resume would."""
+    """The run's newest whole checkpoint (what `latest` names), loaded as a resume would; the folder is
+    left as it is (is_main=False: no clean-up of temp files)."""
     from imnet.checkpoint import Checkpointer, load
 
-    return load(Checkpointer(os.path.join(run_dir, "checkpoints")).latest())
+    return load(Checkpointer(os.path.join(run_dir, "checkpoints"), is_main=False).latest())
 
 
 def max_diff(a: dict, b: dict) -> float:

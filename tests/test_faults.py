@@ -36,12 +36,17 @@ from imnet.resume import ResumeError
 pytestmark = [pytest.mark.timeout(300)]
 
 
+def reader(run_dir) -> Checkpointer:
+    """Read only: rank 0's Checkpointer (is_main=True) deletes the temp files a killed writer left."""
+    return Checkpointer(os.path.join(run_dir, "checkpoints"), is_main=False)
+
+
 def saved(run_dir) -> list[str]:
-    return sorted(os.path.basename(p) for p in Checkpointer(os.path.join(run_dir, "checkpoints")).saved())
+    return sorted(os.path.basename(p) for p in reader(run_dir).saved())
 
 
 def latest(run_dir) -> str:
-    return os.path.basename(Checkpointer(os.path.join(run_dir, "checkpoints")).latest())
+    return os.path.basename(reader(run_dir).latest())
 
 
 def wait_for(pred, proc, timeout=120):
