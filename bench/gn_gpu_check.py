@@ -181,7 +181,7 @@ def main() -> int:
         p.error("--device cpu needs TRITON_INTERPRET=1")
     import triton
 
-    from imnet.models.resnet import resnet50_norm_shapes
+    from imnet import arch
 
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)"
@@ -192,7 +192,7 @@ def main() -> int:
           "| dx, dy kept at ties | result |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     failures = 0
-    cases = [(n, c, h, w, dt, ep, None) for n in args.batches for (c, h, w) in resnet50_norm_shapes()
+    cases = [(n, c, h, w, dt, ep, None) for n in args.batches for (c, h, w) in arch.norm_shapes("resnet50")
              for dt in args.dtypes for ep in EPILOGUES]
     cases += [(2, c, h, w, dt, "residual", 7) for (c, h, w) in ((64, 56, 56), (2048, 7, 7)) for dt in args.dtypes]
     for n, c, h, w, dt, ep, rows in cases:

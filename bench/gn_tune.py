@@ -101,15 +101,15 @@ def main() -> int:
         return 2
     from norm_kernels import make_step, time_methods
 
+    from imnet.arch import norm_shapes
     from imnet.kernels import precompile
     from imnet.kernels.common import Act
-    from imnet.models.resnet import resnet50_norm_shapes
 
     t0 = time.perf_counter()
     torch.backends.cudnn.benchmark = True
     props = torch.cuda.get_device_properties(0)
     arch, sms = props.major * 10 + props.minor, props.multi_processor_count
-    shapes = resnet50_norm_shapes()
+    shapes = norm_shapes("resnet50")
     inputs = {}
     for n in args.batches:
         for (c, h, w) in shapes:

@@ -185,7 +185,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("norm_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2
-    from imnet.models.resnet import resnet50_norm_shapes
+    from imnet import arch
 
     torch.backends.cudnn.benchmark = True
     bw = copy_bandwidth()
@@ -202,7 +202,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for n in args.batches:
-        for (c, h, w), count in resnet50_norm_shapes().items():
+        for (c, h, w), count in arch.norm_shapes("resnet50").items():
             gen = torch.Generator(device="cuda").manual_seed(c * h + n)
             cl = torch.channels_last
             x = (3 * torch.randn(n, c, h, w, device="cuda", generator=gen) + 5).to(torch.bfloat16)

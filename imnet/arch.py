@@ -10,6 +10,7 @@ meta device (models.norm_maps).
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from typing import Literal, get_args
 
 Arch = Literal["small", "resnet18", "resnet50", "resnet20", "resnet56"]
@@ -136,6 +137,12 @@ def pooled_norms(arch: str, image_size: int) -> set[str]:
     """Module paths of the norm layers whose output goes straight into the global average pool
     (the small net's last norm; none in the ResNets, where the add and a ReLU come between)."""
     return _table(arch, image_size)[1]
+
+
+def norm_shapes(arch: str, image_size: int = 224) -> dict[tuple[int, int, int], int]:
+    """The distinct (C, H, W) norm inputs of `arch`, sorted, each with how many layers have it (the
+    kernel tools precompile and benchmark these shapes)."""
+    return dict(sorted(Counter(m[1:] for m in norm_maps(arch, image_size)).items()))
 
 
 def norm_channels(arch: str) -> set[int]:

@@ -238,10 +238,10 @@ def test_a_real_launch_loads_what_precompile_compiled(monkeypatch, tmp_path):
     precompile run again finds everything in the cache too."""
     from triton.runtime import driver
 
-    from imnet.models.resnet import resnet50_norm_shapes
+    from imnet import arch
 
     shapes = [(64, 32, 32), (2048, 4, 4)]  # the first and last of ResNet-50's at 32x32 images
-    assert set(shapes) <= set(resnet50_norm_shapes(32))
+    assert set(shapes) <= set(arch.norm_shapes("resnet50", 32))
     cache = tmp_path / "cache"
     args = ("--arch", "90", "--sms", "132", "--batches", "2", "--dtypes", "fp32", "--image-size", "32", "--jobs", "2")
     r = _cli(*args, cache=cache)

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imnet import config, kernels, models, norm
+from imnet import arch, config, kernels, models, norm
 from imnet.kernels import ChannelsLastGroupNorm, kernel_applies, reference
 from imnet.kernels.common import Act
 from imnet.kernels.gn import launch, ops, plan
-from imnet.models.resnet import Bottleneck, fuse_norm_act, resnet50_norm_shapes
+from imnet.models.resnet import Bottleneck, fuse_norm_act
 
 OUT_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 PARAM_BOUND = 1e-5
@@ -297,7 +297,7 @@ def test_bad_arguments():
 # --- launch plan: the split fills an H100 at 1-2 images per GPU ---------------------------------
 
 def test_plan_fills_an_h100_with_two_images():
-    counts = resnet50_norm_shapes()
+    counts = arch.norm_shapes("resnet50")
     assert len(counts) == 12 and sum(counts.values()) == 53
     shapes = list(counts)
     for c, h, w in shapes:
@@ -325,7 +325,7 @@ def test_other_tunings_compute_the_same_function(tuned, text):
     assert p.num_warps == (t.warps or p.num_warps)
     if t.align_rows:  # whole tiles in every chunk but the last
         assert all(plan.plan(2, c, h * w, 32, 132).rows % plan.plan(2, c, h * w, 32, 132).block_hw == 0
-                   for c, h, w in resnet50_norm_shapes())
+                   for c, h, w in arch.norm_shapes("resnet50"))
     _check(2, 64, 7, 7, 32, torch.bfloat16, act=Act.RELU, residual=True)
     _check(2, 256, 3, 3, 32, torch.float32, act=Act.RELU)
     _check(1, 32, 5, 4, 8, torch.float16, rows_per_chunk=3)
@@ -383,7 +383,7 @@ def test_local_plan_only_where_its_programs_fill_the_gpu(tuned):
     the layers of 512 or more channels at 32 (32 x 512/16 = 1024 programs; 256 channels: 512), none
     at 2 images (the split plan). Never with a group wider than 64 channels, nor with a forced split."""
     tuned("local=16")
-    for c, h, w in resnet50_norm_shapes():
+    for c, h, w in arch.norm_shapes("resnet50"):
         for n in (256, 32, 2):
             p = plan.plan(n, c, h * w, 32, 132)
             assert p.local == (n == 256 or (n == 32 and c >= 512)), (n, c, h, w)
@@ -402,7 +402,7 @@ def test_local_programs_keep_a_whole_sample_where_one_tile_holds_it(tuned):
     for text, whole in (("local=16", lambda c, hw: hw == 49 or (hw == 196 and c <= 512)),
                         ("local=16,tile=16384", lambda c, hw: hw in (49, 196, 784))):
         tuned(text)
-        for c, h, w in resnet50_norm_shapes():
+        for c, h, w in arch.norm_shapes("resnet50"):
             fwd = plan.forward(256, c, h * w, 32, 1e-5, Act.RELU, 132)
             bwd = plan.backward(256, c, h * w, 32, Act.RELU, 132, None, True, True)
             assert [s.name for s in fwd.steps + bwd.steps] == ["_fwd_local", "_bwd_local", "_bwd_combine"]

@@ -168,15 +168,15 @@ def test_the_arithmetic_tables_are_the_real_models(arch):
         assert (arch_table.norm_maps(arch, size), arch_table.pooled_norms(arch, size)) == want, size
 
 
-def test_the_resnet50_table_gives_the_kernel_shapes():
-    """What precompile and the kernel benchmarks need, without building ResNet-50 (nor importing models)."""
+def test_the_resnet50_shape_counts_are_the_real_models():
+    """What precompile and the kernel benchmarks take (arch.norm_shapes), against the norm inputs of
+    the real ResNet-50 on the meta device."""
     from collections import Counter
 
-    from imnet.models.resnet import resnet50_norm_shapes
-
     for size in (32, 224):
-        shapes = Counter(m[1:] for m in arch_table.norm_maps("resnet50", size))
-        assert dict(sorted(shapes.items())) == resnet50_norm_shapes(size)
+        want = Counter(m[1:] for m in models.norm_maps("resnet50", size))
+        assert arch_table.norm_shapes("resnet50", size) == dict(sorted(want.items()))
+        assert sum(want.values()) == 53
 
 
 def test_gn_groups_must_divide_every_width():

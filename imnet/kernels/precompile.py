@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from imnet import arch
 from imnet.dtypes import DTYPES
 from imnet.kernels.common import Act
 from imnet.kernels.gn import plan
@@ -197,9 +198,8 @@ def main(argv=None) -> int:
         print("precompile: Triton is not installed (the kernels need it)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    from imnet.models.resnet import resnet50_norm_shapes
 
-    launches = record(list(resnet50_norm_shapes(a.image_size)), a.batches, [DTYPES[d] for d in a.dtypes], a.sms,
+    launches = record(list(arch.norm_shapes("resnet50", a.image_size)), a.batches, [DTYPES[d] for d in a.dtypes], a.sms,
                       acts=[ACTS[e] for e in a.epilogues])
     results = compile_all(launches, a.arch, a.jobs, a.report)
     cache = os.environ.get("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))

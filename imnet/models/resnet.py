@@ -126,18 +126,6 @@ def norm_shapes(model: nn.Module, image_size: int, in_channels: int = 3) -> list
     return shapes
 
 
-def resnet50_norm_shapes(image_size: int = 224) -> dict[tuple[int, int, int], int]:
-    """The distinct (C, H, W) inputs of ResNet-50's 53 norm layers, sorted, each with how many layers
-    have it (for the kernel benchmarks, checks and precompilation)."""
-    from collections import Counter
-
-    from imnet import models
-
-    with torch.device("meta"):
-        model = models.build("resnet50", num_classes=1000, image_size=image_size, norm="bn")
-    return dict(sorted(Counter(s[1:] for s in norm_shapes(model, image_size)).items()))
-
-
 def resnet(depth: int, *, num_classes: int, in_channels: int, image_size: int,
            norm_layer: NormLayer, zero_init_last: bool) -> nn.Module:
     """torchvision ResNet-18 or -50; convs stay bias-free whatever the norm (torchvision's choice).
