@@ -1,12 +1,6 @@
-"""The engines: forward/backward/step with mixed precision, gradient accumulation, clipping, and the
-per-step all-reduce that keeps every rank's decisions (skip a non-finite step, stop) identical.
-
-Two engines behind one small interface: DDP (default) and DeepSpeed (dist.backend=deepspeed, ZeRO 0-3):
-    out = engine.train_step(micro_batches, lr, stop_requested)   # -> StepOut
-    engine.save(ckpt, state, step) / state = engine.load(path)   # every rank calls both
-    engine.restore(state, path)                                  # load, for a dict already read
-    engine.state_dict() / engine.load_state_dict(sd) / engine.module (the bare model, for eval & save)
-"""
+"""dist.backend=deepspeed: imnet's optimizer under DeepSpeed (ZeRO 0-3), the DeepSpeed JSON generated
+from imnet's config, and checkpoints as DeepSpeed's sharded folder plus imnet's file naming it.
+DeepSpeed itself is imported only when an engine is built."""
 
 from __future__ import annotations
 
@@ -17,146 +11,13 @@ import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from imnet import atomic, checkpoint, norm, resume
+from imnet import atomic, checkpoint, resume
 from imnet import dist as imdist
-from imnet.dtypes import DTYPES, amp_dtype
-
-
-@dataclass
-class StepOut:
-    loss: float      # mean training loss over every rank's samples in this step (nan if any was non-finite)
-    top1: float      # training accuracy over the same samples
-    images: int      # images in this step, all ranks
-    skipped: bool    # the update was skipped because a loss was non-finite on some rank
-    stop: bool       # some rank asked to stop (signal): every rank stops after this step
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = amp_dtype(amp)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def reduce_step(loss_sum: torch.Tensor, correct: torch.Tensor, n: int, stop_requested: bool) -> list[float]:
-    """One all-reduce per step carries the decisions and the metrics together:
-    [any non-finite loss, any stop request, loss sum, correct, images], summed over ranks."""
-    dev = loss_sum.device
-    flags = torch.stack([(~torch.isfinite(loss_sum)).float(), torch.tensor(float(stop_requested), device=dev),
-                         torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0),
-                         correct.float(), torch.tensor(float(n), device=dev)])
-    return imdist.all_reduce(flags).tolist()
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay: bool) -> list[dict]:
-    norm_params, other = norm.split_params(model)
-    if norm_weight_decay:
-        return [{"params": norm_params + other, "weight_decay": weight_decay}]
-    return [{"params": other, "weight_decay": weight_decay}, {"params": norm_params, "weight_decay": 0.0}]
-
-
-def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = param_groups(model, o.weight_decay, o.norm_weight_decay)
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.base_lr, momentum=o.momentum, nesterov=o.nesterov)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.base_lr, betas=tuple(o.betas))
-    raise RuntimeError(f"optim.name: unsupported optimizer {o.name!r}")
-
-
-class DDPEngine:
-    def __init__(self, cfg, model: torch.nn.Module, d: imdist.Dist):
-        self.cfg, self.dist, self.device = cfg, d, d.device
-        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        self.module = model.to(d.device, memory_format=fmt)  # the bare model: eval, save, load
-        self.optimizer = make_optimizer(cfg, self.module)
-        self.scaler = torch.amp.GradScaler(d.device.type, init_scale=cfg.precision.init_scale,
-                                           enabled=cfg.precision.amp == "fp16")
-        net = self.module
-        if d.world > 1:
-            # broadcast_buffers=False: each rank keeps its own BN statistics (that is what BN means
-            # without SyncBN); dist.average_buffers makes them equal before eval and save.
-            net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                      broadcast_buffers=False)
-        if cfg.model.compile:
-            net = torch.compile(net)
-        self.net = net
-        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-
-    def _sync_context(self, last: bool):
-        if not last and isinstance(self.net, DDP):
-            return self.net.no_sync()  # accumulate locally; all-reduce once on the last micro-batch
-        return contextlib.nullcontext()
-
-    def train_step(self, micro_batches: list, lr: float, stop_requested: bool = False) -> StepOut:
-        self.module.train()
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        k = len(micro_batches)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        n = 0
-        for i, (x, y) in enumerate(micro_batches):
-            with self._sync_context(i == k - 1):
-                with autocast(self.device, self.cfg.precision.amp):
-                    logits = self.net(x)
-                    loss = self.loss_fn(logits.float(), y)
-                self.scaler.scale(loss / k).backward()
-            loss_sum += loss.detach() * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            n += y.numel()
-        nonfinite, stop, loss_all, correct_all, n_all = reduce_step(loss_sum, correct, n, stop_requested)
-        skipped = nonfinite > 0
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            if self.cfg.optim.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-        return StepOut(loss=float("nan") if skipped else loss_all / n_all, top1=correct_all / n_all,
-                       images=int(n_all), skipped=skipped, stop=stop > 0)
-
-    def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.module.load_state_dict(sd["model"])  # strict: a mismatch is an error, never a print
-        self.optimizer.load_state_dict(sd["optimizer"])
-        if sd.get("scaler"):
-            self.scaler.load_state_dict(sd["scaler"])
-
-    @contextlib.contextmanager
-    def eval_module(self):
-        """`with engine.eval_module() as m: evaluate(m, ...)` on every rank: DDP evaluates `module` itself."""
-        yield self.module
-
-    def save(self, ckpt: checkpoint.Checkpointer, state: dict, step: int) -> None:
-        """Every rank calls; rank 0 writes model + optimizer + `state` as one file and moves `latest`."""
-        ckpt.save({**self.state_dict(), **state}, step)
-
-    def load(self, path: str) -> dict:
-        """Every rank calls: restore the engine from checkpoint `path`; returns the whole saved dict."""
-        return self.restore(checkpoint.load(path), path)
-
-    def restore(self, state: dict, path: str) -> dict:
-        """`load` for a checkpoint dict already read from `path` (the trainer checks it before restoring)."""
-        if why := resume.backend_mismatch(state, path, deepspeed=False):
-            raise resume.ResumeError(why)
-        self.load_state_dict(state)
-        return state
-
-
-# ---- DeepSpeed ----
+from imnet.dtypes import DTYPES
+from imnet.engine.step import StepOut, make_optimizer, reduce_step
 
 # DeepSpeed keys imnet derives from its own config: an override that contradicts one would leave imnet's
 # data loader, lr scaling, logs or evaluation disagreeing with what DeepSpeed does, so it is an error
@@ -398,18 +259,3 @@ class DeepSpeedEngine:
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load {os.path.join(folder, tag)}")
         return state
-
-
-def shapes(module: torch.nn.Module) -> dict[str, tuple]:
-    """State-dict key -> shape of every parameter and buffer (ZeRO-3's real shape, not its placeholder's)."""
-    out = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
-    out.update({n: tuple(b.shape) for n, b in module.named_buffers()})
-    return out
-
-
-def build(cfg, model: torch.nn.Module, d: imdist.Dist, run_dir: str | None = None):
-    """DeepSpeedEngine for dist.backend=deepspeed (imported only then), else DDPEngine. `run_dir`: where
-    the DeepSpeed engine writes its resolved JSON (deepspeed.json)."""
-    if cfg.dist.backend == "deepspeed":
-        return DeepSpeedEngine(cfg, model, d, run_dir)
-    return DDPEngine(cfg, model, d)

@@ -1,0 +1,98 @@
+"""The default engine: DistributedDataParallel (or the bare model on one process), torch AMP."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from imnet import checkpoint, resume
+from imnet import dist as imdist
+from imnet.engine.step import StepOut, autocast, make_optimizer, reduce_step
+
+
+class DDPEngine:
+    def __init__(self, cfg, model: torch.nn.Module, d: imdist.Dist):
+        self.cfg, self.dist, self.device = cfg, d, d.device
+        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.module = model.to(d.device, memory_format=fmt)  # the bare model: eval, save, load
+        self.optimizer = make_optimizer(cfg, self.module)
+        self.scaler = torch.amp.GradScaler(d.device.type, init_scale=cfg.precision.init_scale,
+                                           enabled=cfg.precision.amp == "fp16")
+        net = self.module
+        if d.world > 1:
+            # broadcast_buffers=False: each rank keeps its own BN statistics (that is what BN means
+            # without SyncBN); dist.average_buffers makes them equal before eval and save.
+            net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                      broadcast_buffers=False)
+        if cfg.model.compile:
+            net = torch.compile(net)
+        self.net = net
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+    def _sync_context(self, last: bool):
+        if not last and isinstance(self.net, DDP):
+            return self.net.no_sync()  # accumulate locally; all-reduce once on the last micro-batch
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: list, lr: float, stop_requested: bool = False) -> StepOut:
+        self.module.train()
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        k = len(micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        n = 0
+        for i, (x, y) in enumerate(micro_batches):
+            with self._sync_context(i == k - 1):
+                with autocast(self.device, self.cfg.precision.amp):
+                    logits = self.net(x)
+                    loss = self.loss_fn(logits.float(), y)
+                self.scaler.scale(loss / k).backward()
+            loss_sum += loss.detach() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            n += y.numel()
+        nonfinite, stop, loss_all, correct_all, n_all = reduce_step(loss_sum, correct, n, stop_requested)
+        skipped = nonfinite > 0
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            if self.cfg.optim.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        return StepOut(loss=float("nan") if skipped else loss_all / n_all, top1=correct_all / n_all,
+                       images=int(n_all), skipped=skipped, stop=stop > 0)
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd["model"])  # strict: a mismatch is an error, never a print
+        self.optimizer.load_state_dict(sd["optimizer"])
+        if sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
+
+    @contextlib.contextmanager
+    def eval_module(self):
+        """`with engine.eval_module() as m: evaluate(m, ...)` on every rank: DDP evaluates `module` itself."""
+        yield self.module
+
+    def save(self, ckpt: checkpoint.Checkpointer, state: dict, step: int) -> None:
+        """Every rank calls; rank 0 writes model + optimizer + `state` as one file and moves `latest`."""
+        ckpt.save({**self.state_dict(), **state}, step)
+
+    def load(self, path: str) -> dict:
+        """Every rank calls: restore the engine from checkpoint `path`; returns the whole saved dict."""
+        return self.restore(checkpoint.load(path), path)
+
+    def restore(self, state: dict, path: str) -> dict:
+        """`load` for a checkpoint dict already read from `path` (the trainer checks it before restoring)."""
+        if why := resume.backend_mismatch(state, path, deepspeed=False):
+            raise resume.ResumeError(why)
+        self.load_state_dict(state)
+        return state
