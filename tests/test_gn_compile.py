@@ -176,7 +176,7 @@ def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dty
         assert [launch[:3] for launch in rec.launches] == [launch[:3] for launch in first]
         assert [m.get()["name"] for m in seen] == names
     finally:
-        ops._calls.clear()
+        ops.forget()
 
 
 def _recording(monkeypatch, cache):
@@ -188,7 +188,7 @@ def _recording(monkeypatch, cache):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
     rec = _RecordingDriver()
     monkeypatch.setattr(driver, "_active", rec)
-    ops._calls.clear()
+    ops.forget()
     for own_sum in (False, True):
         for fn in launch.jit(False, own_sum).values():
             fn.device_caches.clear()
@@ -221,11 +221,11 @@ def test_without_the_fast_path_every_launch_goes_through_the_jit(monkeypatch, tm
             f"imnet GroupNorm: Triton {triton.__version__} is not what the kernels' fast launch path expects "
             "(a stand-in problem); launching through Triton's JIT instead (same kernels, more host time per launch)"]
         assert len(rec.launches) == 12 and rec.launches[:6] == rec.launches[6:]
-        assert all(entry[1] is None for entry in ops._calls.values())   # no compiled kernels kept
+        assert ops.cached() and not any(ops.cached())   # no compiled kernels kept
         own = launch.jit(False, True)["_fwd_stats"]
         assert own.device_caches and not launch.jit(False, False)["_fwd_stats"].device_caches
     finally:
-        ops._calls.clear()
+        ops.forget()
 
 
 
@@ -260,7 +260,7 @@ def test_a_real_launch_loads_what_precompile_compiled(monkeypatch, tmp_path):
     def forget_kernels():
         """The JIT's and the launch caches' kernels, as in a new process; freed while `rec` is the driver
         (Triton 3.8 has the driver unload a kernel that is freed)."""
-        ops._calls.clear()
+        ops.forget()
         for fn in launch.jit(False).values():
             fn.device_caches.clear()
         gc.collect()

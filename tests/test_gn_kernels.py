@@ -335,12 +335,12 @@ def test_set_tuning_replans_and_forgets_cached_launches(tuned):
     x = _data(2, 256, 4, 4, torch.float32, 0)[0]
     ops.group_norm(x, 32)
     default = plan.plan(2, 256, 56 * 56, 32, 132)
-    assert ops._calls
+    assert ops.cached()
     tuned("block_c=32,programs_per_sm=8")
     assert str(plan.tuning()) == "block_c=32,programs_per_sm=8"
     p = plan.plan(2, 256, 56 * 56, 32, 132)
     assert (default.block_c, p.block_c) == (128, 32) and p.reduce_programs(2, 256) >= 8 * 132
-    assert not ops._calls
+    assert not ops.cached()
     _check(2, 256, 4, 4, 32, torch.float32)  # the new plan's kernels, not the old ones' constexprs
 
 

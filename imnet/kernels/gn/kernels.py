@@ -113,6 +113,14 @@ def _local_program(CB, GC, C, CPG, BLOCK_C: tl.constexpr):
     return pid // CB, cols, cmask, grp, (grp[:, None] == grp[None, :]) & cmask[None, :]
 
 
+def _partials(K, CPG, C, R, HW, k0, BLOCK: tl.constexpr):
+    # Partials k0 .. k0+BLOCK of a group's K = S*CPG (chunk s, channel j = k // CPG, k % CPG): which are
+    # valid, the rows of each one's chunk (float32), and each one's offset in a plane of the scratch buffer.
+    k = k0 + tl.arange(0, BLOCK)
+    s = k // CPG
+    return k < K, tl.minimum(R, HW - s * R).to(tl.float32), s * C + k % CPG
+
+
 def _group_sum(v, same):
     # Per lane: the sum of v over the lanes of its group (`same` from _local_program).
     return tl.reduce(tl.where(same, v[None, :], 0.0), 1, sum_combine)
@@ -229,20 +237,13 @@ def _fwd_combine(PART, G, HW, C, S, R, CPG, PLANE, MOFF, eps,
     base = PART + n.to(tl.int64) * S * C + g * CPG   # partial (s, j) at base + s*C + j
     acc = tl.full([BLOCK], 0.0, tl.float32)
     for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        m = k < K
-        s = k // CPG
-        cnt = tl.minimum(R, HW - s * R).to(tl.float32)
-        mu = tl.load(base + s * C + k % CPG, mask=m, other=0.0)
+        m, cnt, off = _partials(K, CPG, C, R, HW, k0, BLOCK)
+        mu = tl.load(base + off, mask=m, other=0.0)
         acc += tl.where(m, cnt * mu, 0.0)
     mean = tl.reduce(acc, 0, sum_combine) / total
     acc = tl.full([BLOCK], 0.0, tl.float32)
     for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        m = k < K
-        s = k // CPG
-        cnt = tl.minimum(R, HW - s * R).to(tl.float32)
-        off = s * C + k % CPG
+        m, cnt, off = _partials(K, CPG, C, R, HW, k0, BLOCK)
         mu = tl.load(base + off, mask=m, other=0.0)
         m2 = tl.load(base + PLANE + off, mask=m, other=0.0)
         d = mu - mean
@@ -395,6 +396,6 @@ def _bwd_local(X, DY, Y, DR, DX, STATS, W, B, PART, HW, C, G, CPG, GC, CB, PLANE
                 tl.store(DX + off, _dx(x, dy, mean, a, c1, c2).to(DX.dtype.element_ty), mask=mask)
 
 
-HELPERS = (add, _chunk_program, _apply_program, _local_program, _group_sum, _group_stats, _rows, _tile_moments,
-           _moments, _normalized, _masked_dy, _tile_dy, _dy_sums, _dx)
+HELPERS = (add, _chunk_program, _apply_program, _local_program, _partials, _group_sum, _group_stats, _rows,
+           _tile_moments, _moments, _normalized, _masked_dy, _tile_dy, _dy_sums, _dx)
 KERNELS = (_fwd_stats, _fwd_combine, _fwd_apply, _bwd_reduce, _bwd_combine, _bwd_apply, _fwd_local, _bwd_local)

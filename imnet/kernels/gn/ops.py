@@ -21,7 +21,19 @@ from imnet.kernels.common import DTYPES, Act, check_act, epilogue
 from imnet.kernels.gn import launch, plan
 
 _calls: dict = {}   # cache key -> [plan.Launches, compiled kernels or None]
-plan.on_set_tuning(_calls.clear)   # the keys do not hold the tuning
+
+
+def cached() -> list[bool]:
+    """One entry per norm call planned so far: whether its compiled kernels are kept for replay."""
+    return [entry[1] is not None for entry in _calls.values()]
+
+
+def forget() -> None:
+    """Drop every planned call and its compiled kernels (set_tuning does, as the keys hold no tuning)."""
+    _calls.clear()
+
+
+plan.on_set_tuning(forget)
 
 
 @functools.lru_cache(maxsize=None)
