@@ -25,6 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # what the fast path uses besides the compiled kernels; FAST_PATH_PROBLEM says when it is missing
+    from triton import knobs
+    from triton.runtime import driver
+except ImportError:
+    knobs = driver = None
+
 from imnet.kernels.common import interpreting
 from imnet.kernels.gn import kernels
 
@@ -36,8 +42,6 @@ _RUN_CALL = ("self.run(grid[0], grid[1], grid[2], stream, self.function, self.pa
 def _hooked() -> bool:
     """Whether a profiler (e.g. Triton's proton) has hooked Triton's launches. Triton >= 3.4 keeps
     the hooks in HookChain objects that are there even when empty."""
-    from triton import knobs
-
     return any(h is not None and getattr(h, "calls", True)
                for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
 
@@ -138,8 +142,6 @@ class Replay:
     launches are identical to the JIT's."""
 
     def __init__(self, compiled: tuple):
-        from triton.runtime import driver
-
         self.compiled, self.hooked = iter(compiled), _hooked()
         self.stream = driver.active.get_current_stream(driver.active.get_current_device())
 
