@@ -70,7 +70,7 @@ def deepspeed_config(cfg, world: int, n_params: int | None = None) -> dict:
     if cfg.dist.zero_stage > 0 and n_params:
         # ZeRO allocates its whole gradient bucket every micro-step (default 5e8 elements: 2 GB in fp32);
         # one larger than the model only wastes memory, and time under run.deterministic (torch then
-        # fills every new tensor: 0.7 s per bucket on a CPU). Same sums, grouped differently.
+        # fills every new tensor, slow on a CPU for a bucket that size). Same sums, grouped differently.
         ds["zero_optimization"]["reduce_bucket_size"] = min(500_000_000, n_params)
     user = cfg.dist.deepspeed_config
     for key in ("optimizer", "scheduler"):
