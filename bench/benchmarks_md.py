@@ -1,7 +1,8 @@
 """Shared by the bench scripts: insert result rows into BENCHMARKS.md below a section's marker line,
-and the rows' common first columns on a GPU."""
+the rows' common first columns on a GPU, and alternating host-time rounds."""
 
 import os
+import time
 
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
@@ -31,3 +32,19 @@ def gpu_head(with_tuning: bool = True, tune: str | None = None) -> str:
     tune = f", IMNET_GN_TUNE={tune}" if with_tuning and tune else ""
     return (f"{datetime.date.today()} | {torch.cuda.get_device_name()} | torch {torch.__version__}, "
             f"triton {triton.__version__}{tune}")
+
+
+def alternating_rounds(fns: dict, rounds: int, iters: int, warmup: int = 20) -> dict[str, list[float]]:
+    """Microseconds per call of each function, per round: every round times `iters` calls of each in
+    turn, so drift of a shared machine hits all of them alike. `warmup` calls each first (compiles)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                f()
+            times[k].append((time.perf_counter() - t0) / iters * 1e6)
+    return times

@@ -26,10 +26,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 
 import torch
-from benchmarks_md import append_rows
+from benchmarks_md import alternating_rounds, append_rows
 
 MARKER = "<!-- gn_host_ab rows -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,16 +91,7 @@ def main() -> int:
     bn = torch.nn.Sequential(torch.nn.BatchNorm2d(64), torch.nn.ReLU(inplace=True))
     fns = {"old": layer_fn(old, x, dy), "new": layer_fn(new, x, dy),
            "bn": lambda: torch.autograd.grad(bn(x), (x, bn[0].weight, bn[0].bias), dy)}
-    for f in fns.values():
-        for _ in range(30):
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(a.rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(a.iters):
-                f()
-            times[k].append((time.perf_counter() - t0) / a.iters * 1e6)
+    times = alternating_rounds(fns, a.rounds, a.iters, warmup=30)
     us = {k: statistics.median(v) for k, v in times.items()}
     ratios = [n / o for n, o in zip(times["new"], times["old"])]
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout

@@ -33,10 +33,9 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
-from benchmarks_md import append_rows
+from benchmarks_md import alternating_rounds, append_rows
 from torch import nn
 
 MARKER = "<!-- gn_host_overhead rows -->"
@@ -72,16 +71,7 @@ def main() -> int:
         return lambda: torch.autograd.grad(layer(x), inputs, dy)
 
     methods = {name: method(layer) for name, layer in layers.items()}
-    for f in methods.values():  # compile (imnet) and warm up
-        for _ in range(20):
-            f()
-    times = {k: [] for k in methods}
-    for _ in range(a.repeats):
-        for name, f in methods.items():
-            t0 = time.perf_counter()
-            for _ in range(a.iters):
-                f()
-            times[name].append((time.perf_counter() - t0) / a.iters * 1e6)
+    times = alternating_rounds(methods, a.repeats, a.iters)  # the warm-up compiles imnet's kernels
     us = {k: statistics.median(v) for k, v in times.items()}
     from imnet.kernels.gn.plan import plan, tuning
 
