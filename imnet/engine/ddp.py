@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imnet import checkpoint, resume
 from imnet import dist as imdist
-from imnet.engine.step import StepOut, autocast, make_optimizer, reduce_step
+from imnet.engine.step import StepOut, autocast, make_optimizer, micro_batch_step
 
 
 class DDPEngine:
@@ -40,32 +40,26 @@ class DDPEngine:
         self.module.train()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        k = len(micro_batches)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        n = 0
-        for i, (x, y) in enumerate(micro_batches):
-            with self._sync_context(i == k - 1):
-                with autocast(self.device, self.cfg.precision.amp):
-                    logits = self.net(x)
-                    loss = self.loss_fn(logits.float(), y)
-                self.scaler.scale(loss / k).backward()
-            loss_sum += loss.detach() * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            n += y.numel()
-        nonfinite, stop, loss_all, correct_all, n_all = reduce_step(loss_sum, correct, n, stop_requested)
-        skipped = nonfinite > 0
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
+        out = micro_batch_step(micro_batches, stop_requested, self.device, context=self._sync_context,
+                               forward=self._forward, backward=self._backward)
+        if not out.skipped:
             if self.cfg.optim.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-        return StepOut(loss=float("nan") if skipped else loss_all / n_all, top1=correct_all / n_all,
-                       images=int(n_all), skipped=skipped, stop=stop > 0)
+        self.optimizer.zero_grad(set_to_none=True)   # a skipped step's gradients are dropped
+        return out
+
+    def _forward(self, x, y):
+        with autocast(self.device, self.cfg.precision.amp):
+            logits = self.net(x)
+            return logits, self.loss_fn(logits.float(), y)
+
+    def _backward(self, loss, last: bool, skip: bool):
+        # Also for a step to skip: DDP's reducer expects the backward of every forward; the step's
+        # gradients are dropped after it.
+        self.scaler.scale(loss).backward()
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -17,7 +17,7 @@ import torch
 from imnet import atomic, checkpoint, resume
 from imnet import dist as imdist
 from imnet.dtypes import DTYPES
-from imnet.engine.step import StepOut, make_optimizer, reduce_step
+from imnet.engine.step import StepOut, make_optimizer, micro_batch_step
 
 # DeepSpeed keys imnet derives from its own config: an override that contradicts one would leave imnet's
 # data loader, lr scaling, logs or evaluation disagreeing with what DeepSpeed does, so it is an error
@@ -139,41 +139,33 @@ class DeepSpeedEngine:
         self.module.train()
         for g in self.optimizer.param_groups:  # the torch optimizer DeepSpeed steps (ZeRO keeps these groups)
             g["lr"] = lr
-        k = len(micro_batches)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        n = 0
-        skipped = False
-        for i, (x, y) in enumerate(micro_batches):
-            last = i == k - 1
-            # The caller owns the accumulation boundary: gradients are reduced (and the step taken) once,
-            # after the last of the k micro-batches it was given.
-            self.ds.set_gradient_accumulation_boundary(last)
-            if self.input_dtype is not None:
-                x = x.to(self.input_dtype)
-            logits = self.ds(x)
-            loss = self.loss_fn(logits.float(), y)
-            loss_sum += loss.detach() * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            n += y.numel()
-            if last:
-                # One all-reduce per step carries the decisions and the metrics together, as in DDPEngine,
-                # but before the last backward: a step to skip is poisoned on every rank (NaN loss -> NaN
-                # gradients everywhere), so DeepSpeed's own overflow check drops the accumulated gradients
-                # of all k micro-batches, whatever the ZeRO stage.
-                nonfinite, stop, loss_all, correct_all, n_all = reduce_step(loss_sum, correct, n, stop_requested)
-                skipped = nonfinite > 0
-                if skipped:
-                    loss = loss * float("nan")
-            self.ds.backward(loss / k, scale_wrt_gas=False)
-        if skipped and self.ds.optimizer is self.optimizer:
+        out = micro_batch_step(micro_batches, stop_requested, self.device, context=self._boundary,
+                               forward=self._forward, backward=self._backward)
+        if out.skipped and self.ds.optimizer is self.optimizer:
             # fp32 without ZeRO: DeepSpeed steps the torch optimizer itself, with no overflow check; a
             # parameter without a gradient is left alone (weights and momentum)
             for p in self.module.parameters():
                 p.grad = None
         self.ds.step()
-        return StepOut(loss=float("nan") if skipped else loss_all / n_all, top1=correct_all / n_all,
-                       images=int(n_all), skipped=skipped, stop=stop > 0)
+        return out
+
+    def _boundary(self, last: bool):
+        # The caller owns the accumulation boundary: gradients are reduced (and the step taken) once,
+        # after the last of the k micro-batches it was given.
+        self.ds.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def _forward(self, x, y):
+        if self.input_dtype is not None:   # DeepSpeed's bf16/fp16 casts the weights, not the inputs
+            x = x.to(self.input_dtype)
+        logits = self.ds(x)
+        return logits, self.loss_fn(logits.float(), y)
+
+    def _backward(self, loss, last: bool, skip: bool):
+        # A step to skip is poisoned on every rank before its last backward (NaN loss -> NaN gradients
+        # everywhere), so DeepSpeed's own overflow check drops the accumulated gradients of all k
+        # micro-batches, whatever the ZeRO stage.
+        self.ds.backward(loss * float("nan") if skip else loss, scale_wrt_gas=False)
 
     # -- state --
 

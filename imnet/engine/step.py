@@ -1,10 +1,12 @@
-"""What both engines share: the step's result, autocast, the per-step all-reduce of decisions and
-metrics, the optimizer with its weight-decay groups, and the model's parameter shapes."""
+"""What both engines share: the Engine interface, the micro-batch step with its one all-reduce of
+decisions and metrics, autocast, the optimizer with its weight-decay groups, the parameter shapes."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -20,6 +22,57 @@ class StepOut:
     images: int      # images in this step, all ranks
     skipped: bool    # the update was skipped because a loss was non-finite on some rank
     stop: bool       # some rank asked to stop (signal): every rank stops after this step
+
+
+class Engine(Protocol):
+    """What the trainer and evaluate use of an engine (DDPEngine, DeepSpeedEngine)."""
+    module: torch.nn.Module   # the bare model: evaluation, BN statistics, shapes
+
+    def train_step(self, micro_batches: list, lr: float, stop_requested: bool = False) -> StepOut:
+        """One optimizer step over the micro-batches (images, labels) of this rank, at learning rate lr."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, sd: dict) -> None: ...
+
+    def eval_module(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """`with engine.eval_module() as m:` the model to evaluate, on every rank."""
+
+    def save(self, ckpt, state: dict, step: int) -> None:
+        """Every rank calls; the checkpoint holds the engine's state and `state`."""
+
+    def load(self, path: str) -> dict:
+        """Every rank calls: restore from checkpoint `path`; the whole saved dict."""
+
+    def restore(self, state: dict, path: str) -> dict:
+        """`load` for a checkpoint dict already read from `path`."""
+
+
+def micro_batch_step(micro_batches: list, stop_requested: bool, device: torch.device, *,
+                     context: Callable, forward: Callable, backward: Callable) -> StepOut:
+    """The step both engines take over k micro-batches, up to the optimizer update (theirs):
+    `with context(last):` logits, loss = forward(x, y), then backward(loss / k, last, skip). After the
+    last forward, before its backward, one all-reduce carries the decisions and the metrics
+    (reduce_step), so `skip` (a non-finite loss on some rank) is known to every rank before the last
+    backward: DeepSpeed poisons it then, DDP lets it run (its reducer expects it) and drops the grads."""
+    k = len(micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    n = 0
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == k - 1
+        with context(last):
+            logits, loss = forward(x, y)
+            loss_sum += loss.detach() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            n += y.numel()
+            skip = False
+            if last:
+                nonfinite, stop, loss_all, correct_all, n_all = reduce_step(loss_sum, correct, n, stop_requested)
+                skip = nonfinite > 0
+            backward(loss / k, last, skip)
+    return StepOut(loss=float("nan") if skip else loss_all / n_all, top1=correct_all / n_all, images=int(n_all),
+                   skipped=skip, stop=stop > 0)
 
 
 def autocast(device: torch.device, amp: str):
