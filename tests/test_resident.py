@@ -113,3 +113,19 @@ def test_refuses_datasets_not_in_memory():
 
     with pytest.raises(ValueError, match="data.loader=gpu needs a dataset held in memory"):
         ResidentLoader(Lazy(), None, 4, CPU, False, True)
+
+
+def test_device_loader_yields_the_dataloaders_batches_in_order():
+    """DeviceLoader (the torch DataLoader path) hands out exactly the DataLoader's batches, in order,
+    channels-last with int64 labels; on a GPU the same, each copied one batch ahead."""
+    from torch.utils.data import DataLoader
+
+    ds = dataset(n=24)
+    sampler = TrainSampler(len(ds), 0, 1, 8, seed=3)
+    plain = DataLoader(ds, batch_size=8, sampler=sampler)
+    want = list(plain)
+    got = list(D.DeviceLoader(plain, CPU, channels_last=True))
+    assert len(got) == len(want) == 3
+    for (x, y), (wx, wy) in zip(got, want):
+        assert torch.equal(x, wx) and torch.equal(y, wy) and y.dtype == torch.int64
+        assert x.is_contiguous(memory_format=torch.channels_last)

@@ -32,7 +32,9 @@ from imnet.data.samplers import TrainSampler, ValSampler
 
 
 class DeviceLoader:
-    """Moves each batch to the device (and channels-last) as it leaves the DataLoader."""
+    """Moves each batch to the device (and channels-last) as it leaves the DataLoader. On a GPU the
+    copy of batch k+1 (from pinned memory, on a side stream) is started when batch k is handed out,
+    so it overlaps step k; the consumer's stream waits for it only when it takes batch k+1."""
 
     def __init__(self, loader: DataLoader, device: torch.device, channels_last: bool):
         self.loader, self.device = loader, device
@@ -42,11 +44,32 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def _move(self, x, y, non_blocking: bool):
+        x = x.to(self.device, non_blocking=non_blocking).contiguous(memory_format=self.memory_format)
+        return x, y.to(self.device, dtype=torch.int64, non_blocking=non_blocking)
+
     def __iter__(self):
-        nb = self.device.type == "cuda"
-        for x, y in self.loader:
-            x = x.to(self.device, non_blocking=nb).contiguous(memory_format=self.memory_format)
-            yield x, y.to(self.device, dtype=torch.int64, non_blocking=nb)
+        if self.device.type != "cuda":
+            for x, y in self.loader:
+                yield self._move(x, y, False)
+            return
+        side = torch.cuda.Stream(self.device)
+        batches = iter(self.loader)
+
+        def start_next():
+            batch = next(batches, None)
+            if batch is None:
+                return None
+            with torch.cuda.stream(side):
+                return self._move(*batch, True)
+
+        ahead = start_next()
+        while ahead is not None:
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            for t in ahead:  # made on the side stream, used on the consumer's: keep the memory until then
+                t.record_stream(torch.cuda.current_stream(self.device))
+            batch, ahead = ahead, start_next()
+            yield batch
 
 
 @dataclass
