@@ -175,3 +175,12 @@ def check_determinism(ds, index: int = 1, seeds=range(20)) -> list[torch.Tensor]
         assert torch.equal(ds[(index, s)][0], out)
     assert any(not torch.equal(outs[0], o) for o in outs[1:]), "different seeds gave the same augmentation"
     return outs
+
+
+@pytest.fixture
+def tuned():
+    """`tuned("knob=value,...")`: the GroupNorm launch plan's tuning for the test, the defaults after it."""
+    from imnet.kernels.gn import plan
+
+    yield lambda text: plan.set_tuning(plan.parse_tuning(text))
+    plan.set_tuning(plan.Tuning())

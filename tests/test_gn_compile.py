@@ -129,13 +129,13 @@ LOCAL_LAUNCHES = ["_fwd_local", "_bwd_local", "_bwd_combine"]
     (2, 256, 3, 3, torch.float16, Act.RELU, True, False, ""),
     (4, 256, 3, 3, torch.bfloat16, Act.RELU, True, False, "local=16"),
 ])
-def test_repeated_launches_equal_the_jits(monkeypatch, tmp_path, n, c, h, w, dtype, act, residual,
+def test_repeated_launches_equal_the_jits(monkeypatch, tuned, tmp_path, n, c, h, w, dtype, act, residual,
                                           unaligned_weight, tune):
     """The launch cache (launch.Replay) starts the same compiled kernels with the same grid,
     stream and arguments as Triton's JIT, without asking the JIT again; also for a weight that is not
     16-byte aligned (another specialization for the JIT), and for the local kernels' launches."""
     names = LOCAL_LAUNCHES if tune else list(precompile.KERNELS)
-    monkeypatch.setattr(plan, "_tuning", plan.parse_tuning(tune))
+    tuned(tune)
     assert plan.plan(n, c, h * w, 32, 1).local == bool(tune)
     rec = _recording(monkeypatch, tmp_path)
     try:

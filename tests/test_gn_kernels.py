@@ -52,13 +52,6 @@ def _cl(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
-@pytest.fixture
-def tuned():
-    """set_tuning(parse_tuning(text)) for the test, the defaults again after it."""
-    yield lambda text: plan.set_tuning(plan.parse_tuning(text))
-    plan.set_tuning(plan.Tuning())
-
-
 def _data(n, c, h, w, dtype, seed, residual=False):
     return reference.random_inputs(n, c, h, w, dtype, torch.Generator().manual_seed(seed), residual)
 
