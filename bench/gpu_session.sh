@@ -9,7 +9,9 @@
 #      dtypes) and of the benchmarks (256 images, bf16) compiled in parallel into Triton's cache
 #      (otherwise the steps below compile hundreds of them one by one); after each step the log says
 #      how many kernels the cache holds (a step that adds many missed it)
-#   3. gn_gpu_check: the kernels against float64 on the GPU (exit 1 on a mismatch)
+#   3. gn_gpu_check: the kernels against float64 on the GPU (exit 1 on a mismatch);
+#      loader_gpu_check: the DataLoader path's batches, copied one ahead on a side stream, are the
+#      DataLoader's (exit 1 on a mismatch)
 #   4. rn50_throughput: ResNet-50 training img/s at 256 and 32 images, BN vs native GN vs imnet GN
 #   5. precompile_local, gn_gpu_check_local: the same for the local kernels (IMNET_GN_TUNE=local=16
 #      and local=16,tile=16384), at 256 images, where every layer takes them
@@ -68,6 +70,9 @@ step precompile 100 $PY -m imnet.kernels.precompile --batches 2 32 --jobs "$(npr
 step precompile_256 60 $PY -m imnet.kernels.precompile --batches 256 --dtypes bf16 --jobs "$(nproc)"
 step gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32
 check_rc=$?
+step loader_gpu_check 60 $PY bench/loader_gpu_check.py
+rc=$?
+[ "$check_rc" -eq 0 ] && [ "$rc" -ne 99 ] && check_rc=$rc
 step rn50_throughput 170 $PY bench/rn50_throughput.py --batches 256 32 --write
 LOCALS=(local=16 local=16,tile=16384)   # the local plans timed below (imnet/kernels/gn/kernels.py's docstring)
 LOCAL=(env IMNET_GN_TUNE="${LOCALS[0]}")
