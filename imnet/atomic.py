@@ -4,7 +4,7 @@ and once a call returns the new file and its name survive a crash or a power cut
 The new content goes to a hidden temp file beside `path` (`.NAME.tmp-PID`: same filesystem, so the
 rename is atomic; the PID keeps concurrent writers apart), is fsynced, renamed over `path`, and the
 folder is fsynced so the rename itself is durable. A writer killed before the rename leaves only
-its temp file, which `remove_stale` deletes.
+its temp file, which `is_temp` recognizes (the folder's owner deletes it, e.g. imnet.checkpoint).
 """
 
 from __future__ import annotations
@@ -54,11 +54,3 @@ def write(path: str, write_fn, before_rename=None) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def remove_stale(folder: str) -> list[str]:
-    """Delete the temp files writers killed before their rename left in `folder`; their names."""
-    gone = sorted(n for n in os.listdir(folder) if is_temp(n))
-    for name in gone:
-        os.unlink(os.path.join(folder, name))
-    return gone

@@ -16,13 +16,13 @@ import torch
 from imnet import dist as imdist
 from imnet.engine.ddp import DDPEngine
 from imnet.engine.deepspeed import DeepSpeedEngine, deepspeed_config  # imports DeepSpeed only when built
-from imnet.engine.step import StepOut, autocast, make_optimizer, param_groups, reduce_step, shapes
+from imnet.engine.step import Engine, StepOut, autocast, make_optimizer, param_groups, reduce_step, shapes
 
-__all__ = ["DDPEngine", "DeepSpeedEngine", "StepOut", "autocast", "build", "deepspeed_config", "make_optimizer",
-           "param_groups", "reduce_step", "shapes"]
+__all__ = ["DDPEngine", "DeepSpeedEngine", "Engine", "StepOut", "autocast", "build", "deepspeed_config",
+           "make_optimizer", "param_groups", "reduce_step", "shapes"]
 
 
-def build(cfg, model: torch.nn.Module, d: imdist.Dist, run_dir: str | None = None):
+def build(cfg, model: torch.nn.Module, d: imdist.Dist, run_dir: str | None = None) -> Engine:
     """DeepSpeedEngine for dist.backend=deepspeed (DeepSpeed is imported only then), else DDPEngine. `run_dir`: where
     the DeepSpeed engine writes its resolved JSON (deepspeed.json)."""
     if cfg.dist.backend == "deepspeed":
