@@ -115,6 +115,24 @@ def test_refuses_datasets_not_in_memory():
         ResidentLoader(Lazy(), None, 4, CPU, False, True)
 
 
+def test_synthetic_data_goes_resident_as_uint8_within_a_32nd():
+    """data.name=synthetic with data.loader=gpu: the set quantized to uint8 in memory; its val batches
+    are the synthetic images to within 1/32 (none is beyond the clip at -8 and 7.94 here), same labels."""
+    cfg = config.load(None, ["data.name=synthetic", "data.synthetic_size=64", "data.image_size=8",
+                             "data.loader=gpu", "data.batch_size=4"])
+    d = dist.setup(cfg.dist)
+    resident = D.build(cfg.data, d, seed=0, channels_last=False)
+    plain = D.build(cfg.data.model_copy(update={"loader": "torch"}), d, seed=0, channels_last=False)
+    n = 0
+    for (x, y), (x0, y0) in zip(resident.val, plain.val):
+        assert torch.equal(y, y0)
+        assert x0.abs().max().item() < 7.9 and (x - x0).abs().max().item() <= 1 / 32 + 1e-6
+        n += len(y)
+    assert n == 16 and resident.steps_per_epoch == plain.steps_per_epoch == 16
+    x, y = next(iter(resident.train))
+    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32
+
+
 def test_device_loader_yields_the_dataloaders_batches_in_order():
     """DeviceLoader (the torch DataLoader path) hands out exactly the DataLoader's batches, in order,
     channels-last with int64 labels; on a GPU the same, each copied one batch ahead."""

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from imnet.data.bad import BadImagePolicy
 from imnet.data.core import DatasetInfo
-from imnet.data.datasets import build_dataset
+from imnet.data.datasets import SyntheticDataset, build_dataset
 from imnet.data.samplers import TrainSampler, ValSampler
 
 
@@ -117,6 +117,8 @@ def build(d, dist, *, seed: int, channels_last: bool, accum_steps: int = 1, trai
     if d.loader == "gpu":
         from imnet.data.resident import ResidentLoader
 
+        if isinstance(val_ds, SyntheticDataset):  # made in memory, as uint8 (its to_uint8 says how)
+            val_ds, train_ds = val_ds.to_uint8(), train_ds.to_uint8() if train else None
         val = ResidentLoader(val_ds, val_sampler, val_batch, dist.device, cl, train=False)
         tr = ResidentLoader(train_ds, sampler, d.batch_size, dist.device, cl, train=True) if train else None
     else:
