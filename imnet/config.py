@@ -39,6 +39,7 @@ class RunCfg(Section):
     epochs: int = Field(1, gt=0)
     max_steps: Optional[int] = Field(None, gt=0)  # stop after this many optimizer steps (None: all epochs)
     eval_every: int = Field(1, ge=0)  # validate every this many epochs, and at the end (0: only at the end)
+    cuda_graph: bool = False       # replay the whole step as one CUDA graph (engine/graph.py says where it applies)
 
     @field_validator("out_dir")
     @classmethod

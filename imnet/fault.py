@@ -6,6 +6,7 @@
     hang       SIGSTOP this process when step N starts (a hung rank: the others wait in the next all-reduce)
     raise      raise RuntimeError when step N starts (a bug on one rank)
     nan        feed step N's batch as NaN images, so this rank's loss is non-finite
+    signal     send this process SIGTERM when step N starts (a stop request on one rank, as Slurm's would be)
     slow_ckpt  stall S seconds (default 20) after the first bytes of step N's checkpoint: a kill lands mid-file
 
 `step` is an optimizer step counted from 1 (the step about to run), or a range `A-B` (inclusive).
@@ -39,7 +40,7 @@ TRACE_ENV = "IMNET_TRACE_SAMPLES"
 COLLECTIVES_ENV = "IMNET_TRACE_COLLECTIVES"
 TRACED = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "broadcast_object_list", "barrier",
           "reduce_scatter_tensor", "all_gather_into_tensor")
-KINDS = ("crash", "hang", "raise", "nan", "slow_ckpt")
+KINDS = ("crash", "hang", "raise", "nan", "signal", "slow_ckpt")
 
 
 class FaultSpecError(ValueError):
@@ -103,6 +104,8 @@ class Injector:
             os.kill(os.getpid(), signal.SIGKILL)
         if self._hit("hang", step):
             os.kill(os.getpid(), signal.SIGSTOP)
+        if self._hit("signal", step):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before this returns: a request, not a kill
         if self._hit("raise", step):
             raise RuntimeError(f"{ENV}: injected error at step {step} on rank {self.rank}")
         if self._hit("nan", step):

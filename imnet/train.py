@@ -163,15 +163,45 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
         raise SinkError(err)
     if note := kernels.gpu_note(eng.module, d.device):  # a GPU Triton does not support: which GroupNorm runs
         log.print(note)
+    train_step = eng.train_step
+    if cfg.run.cuda_graph:
+        if why := engine.graph.reason_not(cfg, d):
+            log.print(f"run.cuda_graph: {why}: the step runs eager")
+        else:
+            train_step = engine.GraphStep(eng, log=log.print)
 
     def sync_bn() -> None:
         if cfg.dist.sync_bn_stats:
             dist.average_buffers(eng.module)
 
+    def check_streak() -> int:
+        """Every rank: the current streak of non-finite steps (a read of the device); raises once a streak
+        reached dist.max_nonfinite, at the step where it did."""
+        streak, hit = meter.streak()
+        if hit:
+            abort(hit)
+        return streak
+
+    def abort(at: int):
+        latest = ckpt.latest()
+        raise FloatingPointError(
+            f"{cfg.dist.max_nonfinite} non-finite losses in a row (dist.max_nonfinite={cfg.dist.max_nonfinite}) "
+            f"at step {at}: lower optim.base_lr or check the data; "
+            + (f"{latest} is the newest checkpoint, written before the streak" if latest else
+               "no checkpoint was written before the streak"))
+
     def save() -> bool:
         """Every rank calls. Never from inside a non-finite streak: the last good checkpoint stays `latest`."""
+        nonlocal bad_in_row
+        bad_in_row = check_streak()
         if bad_in_row:
             return False
+        if dist.all_reduce(engine.nonfinite_params(eng.module, d.device), "max").item():
+            latest = ckpt.latest()
+            raise FloatingPointError(
+                f"non-finite weights at step {step} after finite losses (an overflow in the backward?): no "
+                f"checkpoint written; lower optim.base_lr or set optim.grad_clip; "
+                + (f"{latest} is the newest checkpoint" if latest else "no checkpoint was written yet"))
         hb.at(step, "checkpoint")
         sync_bn()
         rngs = dist.all_gather_object(checkpoint.rng_state())
@@ -198,6 +228,7 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
     result: dict = {}
     win = Window(d.device)  # img/s and data wait since the last train record, without eval/checkpoint time
     logged_at, owed = step, False                  # owed: a checkpoint put off by a non-finite streak
+    meter = engine.Meter(d.device, cfg.dist.max_nonfinite, step=step, streak=bad_in_row)  # on the device
     try:
         while step < total:
             data.train.sampler.set_epoch(epoch, start_batch=pos * accum)
@@ -210,26 +241,24 @@ def _fit(cfg: config.Config, d: dist.Dist, run_dir: str) -> dict:
                     micro = [next(batches) for _ in range(accum)]
                 hb.at(step, "step")
                 faults.before_step(step + 1, micro)
-                out = eng.train_step(micro, lr_at(step), stop.requested)
+                out = train_step(micro, lr_at(step), stop.requested)  # queued on the device, not waited for
+                meter.add(out)
                 step, pos = step + 1, pos + 1
                 trace.step(epoch, step)
-                bad_in_row = bad_in_row + 1 if out.skipped else 0
-                win.images += out.images
-                if step % cfg.log.every_steps == 0 or out.skipped:
+                if step % cfg.log.every_steps == 0:  # the host reads the device here (and at checkpoints, eval)
+                    r = meter.read()
+                    win.images = r["images"]
                     w = win.read()
-                    log.log(split="train", step=step, epoch=epoch, loss=out.loss, top1=out.top1, lr=lr_at(step - 1),
-                            skipped=out.skipped, **w)
-                    log.progress(step - logged_at, loss=f"{out.loss:.4f}", acc=f"{out.top1:.3f}",
+                    log.log(split="train", step=step, epoch=epoch, loss=r["loss"], top1=r["top1"], lr=lr_at(step - 1),
+                            skipped=r["skipped"], **w)
+                    log.progress(step - logged_at, loss=f"{r['loss']:.4f}", acc=f"{r['top1']:.3f}",
                                  img_s=f"{w['img_per_s']:.0f}")
-                    logged_at = step
-                if bad_in_row >= cfg.dist.max_nonfinite:
-                    latest = ckpt.latest()
-                    raise FloatingPointError(
-                        f"{bad_in_row} non-finite losses in a row (dist.max_nonfinite={cfg.dist.max_nonfinite}) "
-                        f"at step {step}: lower optim.base_lr or check the data; "
-                        + (f"{latest} is the newest checkpoint, written before the streak" if latest else
-                           "no checkpoint was written before the streak"))
-                if out.stop:  # a signal: checkpoint at this step boundary and leave, to be resumed
+                    logged_at, bad_in_row = step, r["streak"]
+                    if r["hit"]:
+                        abort(r["hit"])
+                # a signal: checkpoint at this step boundary and leave, to be resumed. The flag is read one
+                # step late (the same step on every rank), at the last step at once.
+                if meter.stop_before() or (step == total and meter.stop_now()):
                     saved = save()
                     log.print(f"stopped by signal at step {step}; " + ("checkpoint saved" if saved else
                               f"no checkpoint: inside a streak of {bad_in_row} non-finite losses, the next run "

@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imnet import checkpoint, resume
 from imnet import dist as imdist
-from imnet.engine.step import StepOut, autocast, make_optimizer, micro_batch_step
+from imnet.engine.step import StepOut, autocast, make_optimizer, micro_batch_step, skip_flag
 
 
 class DDPEngine:
@@ -18,6 +18,7 @@ class DDPEngine:
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.module = model.to(d.device, memory_format=fmt)  # the bare model: eval, save, load
         self.optimizer = make_optimizer(cfg, self.module)
+        self._state_ready = False   # _init_state before the first update
         self.scaler = torch.amp.GradScaler(d.device.type, init_scale=cfg.precision.init_scale,
                                            enabled=cfg.precision.amp == "fp16")
         net = self.module
@@ -42,32 +43,66 @@ class DDPEngine:
             g["lr"] = lr
         out = micro_batch_step(micro_batches, stop_requested, self.device, context=self._sync_context,
                                forward=self._forward, backward=self._backward)
-        if not out.skipped:
-            if self.cfg.optim.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        self.update(skip_flag(out.stats))
         self.optimizer.zero_grad(set_to_none=True)   # a skipped step's gradients are dropped
         return out
+
+    def update(self, skip: torch.Tensor) -> None:
+        """The optimizer step, skipped where `skip` (a device flag, 1.0 or 0.0) is set, with no host read:
+        the fused optimizer takes it as its `found_inf`. Under fp16 GradScaler decides from the poisoned
+        gradients (micro_batch_step), so a skipped step also halves the loss scale, as any overflow does."""
+        if not self._state_ready:
+            self._init_state()
+        opt, clip = self.optimizer, self.cfg.optim.grad_clip
+        if self.scaler.is_enabled():
+            if clip > 0:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+            self.scaler.step(opt)
+            self.scaler.update()
+            return
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        opt.found_inf = skip
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+
+    def _init_state(self) -> None:
+        """Fused SGD creates its momentum buffers uninitialized on its first step, and a skipped first step
+        would leave them so: start them at zero (the same update: with dampening 0, the first step's
+        buffer is the gradient either way). A checkpoint's optimizer state may come without fused=True."""
+        for g in self.optimizer.param_groups:
+            g["fused"], g["foreach"] = True, None
+            if g.get("momentum", 0):
+                for p in g["params"]:
+                    st = self.optimizer.state[p]
+                    if st.get("momentum_buffer") is None:
+                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self._state_ready = True
 
     def _forward(self, x, y):
         with autocast(self.device, self.cfg.precision.amp):
             logits = self.net(x)
             return logits, self.loss_fn(logits.float(), y)
 
-    def _backward(self, loss, last: bool, skip: bool):
+    def _backward(self, loss, last: bool, stats):
         # Also for a step to skip: DDP's reducer expects the backward of every forward; the step's
         # gradients are dropped after it.
         self.scaler.scale(loss).backward()
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        opt = self.optimizer.state_dict()
+        for g in opt["param_groups"]:  # a captured step's lr is a device tensor (graph.py): saved as a number
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"] = g["lr"].item()
+        return {"model": self.module.state_dict(), "optimizer": opt, "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.module.load_state_dict(sd["model"])  # strict: a mismatch is an error, never a print
         self.optimizer.load_state_dict(sd["optimizer"])
+        self._state_ready = False
         if sd.get("scaler"):
             self.scaler.load_state_dict(sd["scaler"])
 

@@ -117,7 +117,7 @@ class DeepSpeedEngine:
         # as bytes (which needs a unit last stride) and ZeRO flattens them into contiguous buffers anyway;
         # the loader still feeds channels-last images, and convolutions then compute channels-last.
         model = model.to(d.device, memory_format=torch.contiguous_format)
-        self.optimizer = make_optimizer(cfg, model)  # imnet sets its lr every step; DeepSpeed steps it
+        self.optimizer = make_optimizer(cfg, model, fused=False)  # imnet sets its lr every step; DeepSpeed steps it
         self.ds_config = deepspeed_config(cfg, d.world, sum(p.numel() for p in model.parameters()))
         # ZeRO-3 partitions the model in place: keep an unpartitioned copy to evaluate (see eval_module)
         self._eval_copy = copy.deepcopy(model) if _get(self.ds_config, "zero_optimization.stage") == 3 else None
@@ -141,9 +141,10 @@ class DeepSpeedEngine:
             g["lr"] = lr
         out = micro_batch_step(micro_batches, stop_requested, self.device, context=self._boundary,
                                forward=self._forward, backward=self._backward)
-        if out.skipped and self.ds.optimizer is self.optimizer:
+        if self.ds.optimizer is self.optimizer and out.skipped:
             # fp32 without ZeRO: DeepSpeed steps the torch optimizer itself, with no overflow check; a
-            # parameter without a gradient is left alone (weights and momentum)
+            # parameter without a gradient is left alone (weights and momentum). The host reads the flag
+            # here (DeepSpeed's own overflow checks read theirs on the host too).
             for p in self.module.parameters():
                 p.grad = None
         self.ds.step()
@@ -161,11 +162,11 @@ class DeepSpeedEngine:
         logits = self.ds(x)
         return logits, self.loss_fn(logits.float(), y)
 
-    def _backward(self, loss, last: bool, skip: bool):
-        # A step to skip is poisoned on every rank before its last backward (NaN loss -> NaN gradients
-        # everywhere), so DeepSpeed's own overflow check drops the accumulated gradients of all k
-        # micro-batches, whatever the ZeRO stage.
-        self.ds.backward(loss * float("nan") if skip else loss, scale_wrt_gas=False)
+    def _backward(self, loss, last: bool, stats):
+        # A step to skip comes poisoned on every rank to its last backward (micro_batch_step: NaN loss ->
+        # NaN gradients everywhere), so DeepSpeed's own overflow check drops the accumulated gradients of
+        # all k micro-batches, whatever the ZeRO stage.
+        self.ds.backward(loss, scale_wrt_gas=False)
 
     # -- state --
 
