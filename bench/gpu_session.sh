@@ -1,10 +1,15 @@
 #!/bin/bash
-# Every GPU measurement of the channels-last GroupNorm in one call, in order of importance, each
-# step capped so that the whole fits a time budget (default 540 s):
+# Every GPU measurement in one call, in order of importance, each step capped so that the whole
+# fits a time budget (default 540 s):
 #
+#   bash bench/gpu_wheels.sh          # once, here: pydantic for the GPU image, in .whl/ (carry it)
 #   OUT=folder [STEPS="env precompile ..."] bash bench/gpu_session.sh [budget_s]
 #
 #   1. env: the card, driver, torch and Triton versions
+#   1a. train_throughput: imnet.train itself (the CLI, ResNet-50 bf16, data resident on the GPU) at 2,
+#      32 and 256 images, BN and imnet GN, eager and run.cuda_graph, against rn50_throughput's loop
+#   1b. microbatch_step: steps/s at 1, 2, 4 images, the old synchronous step against the default one
+#      and its CUDA graph
 #   2. precompile, precompile_256: the kernel specializations of the check (2 and 32 images, all
 #      dtypes) and of the benchmarks (256 images, bf16) compiled in parallel into Triton's cache
 #      (otherwise the steps below compile hundreds of them one by one); after each step the log says
@@ -38,6 +43,10 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 export PY=${PYTHON:-python3}  # the GPU machine's image has python3 (with torch and Triton), maybe no `python`
 budget=${1:-540}
 start=$(date +%s)
+if [ -d .whl ] && ! $PY -c "import pydantic" 2>/dev/null; then  # imnet.config's needs, carried as wheels
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 check_rc=3
 
 step() {  # step NAME CAP_S COMMAND...
@@ -66,6 +75,8 @@ step() {  # step NAME CAP_S COMMAND...
 
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv;
 $PY -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")"'
+step train_throughput 400 $PY bench/train_throughput.py --write
+step microbatch_step 90 $PY bench/microbatch_step.py --device cuda --arch resnet50 --steps 30 --rounds 3 --write
 step precompile 100 $PY -m imnet.kernels.precompile --batches 2 32 --jobs "$(nproc)"
 step precompile_256 60 $PY -m imnet.kernels.precompile --batches 256 --dtypes bf16 --jobs "$(nproc)"
 step gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32

@@ -15,7 +15,8 @@ import torch
 from conftest import ROOT
 
 SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py") and f != "benchmarks_md.py")
-STEPS = ("env", "precompile", "precompile_256", "gn_gpu_check", "loader_gpu_check", "rn50_throughput",
+STEPS = ("env", "train_throughput", "microbatch_step", "precompile", "precompile_256", "gn_gpu_check",
+         "loader_gpu_check", "rn50_throughput",
          "precompile_local", "gn_gpu_check_local", "norm_kernels_graph", "rn50_local", "rn50_cuda_graph",
          "norm_kernels_graph_residual", "gn_tune", "norm_kernels_compile")
 
@@ -43,9 +44,9 @@ def test_gpu_session_runs_every_step_without_a_gpu(tmp_path):
     for step in STEPS:
         assert f"== {step}: exit " in log, (step, log)
     assert "unrecognized arguments" not in log and "invalid choice" not in log, log
-    # 3 x gn_gpu_check (the local one for 2 plans), loader_gpu_check, gn_tune, 3 x rn50_throughput,
-    # 3 x norm_kernels: all parse their options
-    assert log.count("needs a CUDA GPU") == 11
+    # train_throughput, microbatch_step, 3 x gn_gpu_check (the local one for 2 plans), loader_gpu_check,
+    # gn_tune, 3 x rn50_throughput, 3 x norm_kernels: all parse their options
+    assert log.count("needs a CUDA GPU") == 13
     assert log.count("give the target's --arch and --sms") == 4  # precompile without a GPU (local: 2 plans)
     assert _ended(log) == list(STEPS)
     assert sorted(os.listdir(tmp_path)) == ["BENCHMARKS.md", "session.log"]
@@ -119,3 +120,17 @@ def test_norm_kernels_captures_each_tuned_variant_under_its_own_plan(monkeypatch
     t = norm_kernels.time_methods(steps, 4, 1, True, {"imnet[local=16]": "local=16"})
     assert captured == {"bn step": "", "imnet step": "", "local step": "local=16"}
     assert t == {m: 0.25 for m in steps} and plan.tuning() == plan.Tuning()
+
+
+def test_train_throughput_runs_its_trainer_path_on_the_cpu():
+    """--smoke: the same imnet.train runs (resident synthetic data, eager and run.cuda_graph) with a small
+    net on the CPU, where the graph falls back and says so; the rows come out."""
+    from conftest import isolated
+
+    r = subprocess.run(isolated([sys.executable, os.path.join(ROOT, "bench", "train_throughput.py"), "--smoke",
+                                 "--batches", "2", "--norms", "gn", "--windows", "2"]),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| smoke (CPU) | 2 | gn |")]
+    assert [row.split(" | ")[3] for row in rows] == ["eager", "graph"], r.stdout
+    assert "gn_graph_2: run.cuda_graph: needs a CUDA device (this run is on cpu): the step runs eager" in r.stdout
