@@ -15,7 +15,11 @@ from imnet.engine.step import StepOut, autocast, make_optimizer, micro_batch_ste
 class DDPEngine:
     def __init__(self, cfg, model: torch.nn.Module, d: imdist.Dist):
         self.cfg, self.dist, self.device = cfg, d, d.device
-        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        # model.channels_last: the weights too on a GPU (cuDNN would convert them every call); on the CPU
+        # they stay contiguous, since oneDNN reorders them itself and the fused optimizer would copy
+        # channels-last ones (the images and activations are channels-last either way)
+        cl = cfg.model.channels_last and d.device.type == "cuda"
+        fmt = torch.channels_last if cl else torch.contiguous_format
         self.module = model.to(d.device, memory_format=fmt)  # the bare model: eval, save, load
         self.optimizer = make_optimizer(cfg, self.module)
         self._state_ready = False   # _init_state before the first update
