@@ -42,7 +42,8 @@ def reason_not(cfg, d) -> str | None:
 def cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
     """Capture `fn` as a CUDA graph (recorded, not run); returns its replay."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: the DataLoader's pin-memory thread may call CUDA while this thread captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return graph.replay
 

@@ -48,7 +48,8 @@ class Engine(Protocol):
     module: torch.nn.Module   # the bare model: evaluation, BN statistics, shapes
 
     def train_step(self, micro_batches: list, lr: float, stop_requested: bool = False) -> StepOut:
-        """One optimizer step over the micro-batches (images, labels) of this rank, at learning rate lr."""
+        """One optimizer step over the micro-batches (images, labels) of this rank, at learning rate lr,
+        queued on the device: the host does not wait for it (DDPEngine; DeepSpeed's overflow checks do)."""
 
     def state_dict(self) -> dict: ...
 
