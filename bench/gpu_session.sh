@@ -6,9 +6,11 @@
 #   OUT=folder [STEPS="env precompile ..."] bash bench/gpu_session.sh [budget_s]
 #
 #   1. env: the card, driver, torch and Triton versions
-#   1a. train_throughput: imnet.train itself (the CLI, ResNet-50 bf16, data resident on the GPU) at 2,
+#   1a. step_gpu_check: no synchronizing CUDA call inside a step; the captured step trains as the
+#      eager one (exit 1 on a mismatch)
+#   1b. train_throughput: imnet.train itself (the CLI, ResNet-50 bf16, data resident on the GPU) at 2,
 #      32 and 256 images, BN and imnet GN, eager and run.cuda_graph, against rn50_throughput's loop
-#   1b. microbatch_step: steps/s at 1, 2, 4 images, the old synchronous step against the default one
+#   1c. microbatch_step: steps/s at 1, 2, 4 images, the old synchronous step against the default one
 #      and its CUDA graph
 #   2. precompile, precompile_256: the kernel specializations of the check (2 and 32 images, all
 #      dtypes) and of the benchmarks (256 images, bf16) compiled in parallel into Triton's cache
@@ -75,12 +77,15 @@ step() {  # step NAME CAP_S COMMAND...
 
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv;
 $PY -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")"'
-step train_throughput 400 $PY bench/train_throughput.py --write
-step microbatch_step 90 $PY bench/microbatch_step.py --device cuda --arch resnet50 --steps 30 --rounds 3 --write
+step step_gpu_check 60 $PY bench/step_gpu_check.py
+check_rc=$?
+step train_throughput 380 $PY bench/train_throughput.py --write
+step microbatch_step 80 $PY bench/microbatch_step.py --device cuda --arch resnet50 --steps 30 --rounds 3 --write
 step precompile 100 $PY -m imnet.kernels.precompile --batches 2 32 --jobs "$(nproc)"
 step precompile_256 60 $PY -m imnet.kernels.precompile --batches 256 --dtypes bf16 --jobs "$(nproc)"
 step gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32
-check_rc=$?
+rc=$?
+[ "$check_rc" -eq 0 ] && [ "$rc" -ne 99 ] && check_rc=$rc
 step loader_gpu_check 60 $PY bench/loader_gpu_check.py
 rc=$?
 [ "$check_rc" -eq 0 ] && [ "$rc" -ne 99 ] && check_rc=$rc

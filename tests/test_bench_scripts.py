@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT
 
 SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py") and f != "benchmarks_md.py")
-STEPS = ("env", "train_throughput", "microbatch_step", "precompile", "precompile_256", "gn_gpu_check",
+STEPS = ("env", "step_gpu_check", "train_throughput", "microbatch_step", "precompile", "precompile_256", "gn_gpu_check",
          "loader_gpu_check", "rn50_throughput",
          "precompile_local", "gn_gpu_check_local", "norm_kernels_graph", "rn50_local", "rn50_cuda_graph",
          "norm_kernels_graph_residual", "gn_tune", "norm_kernels_compile")
@@ -44,9 +44,9 @@ def test_gpu_session_runs_every_step_without_a_gpu(tmp_path):
     for step in STEPS:
         assert f"== {step}: exit " in log, (step, log)
     assert "unrecognized arguments" not in log and "invalid choice" not in log, log
-    # train_throughput, microbatch_step, 3 x gn_gpu_check (the local one for 2 plans), loader_gpu_check,
+    # step_gpu_check, train_throughput, microbatch_step, 3 x gn_gpu_check (the local one for 2 plans), loader_gpu_check,
     # gn_tune, 3 x rn50_throughput, 3 x norm_kernels: all parse their options
-    assert log.count("needs a CUDA GPU") == 13
+    assert log.count("needs a CUDA GPU") == 14
     assert log.count("give the target's --arch and --sms") == 4  # precompile without a GPU (local: 2 plans)
     assert _ended(log) == list(STEPS)
     assert sorted(os.listdir(tmp_path)) == ["BENCHMARKS.md", "session.log"]
