@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -146,6 +147,30 @@ def command(nproc: int, config_path: str | None, overrides: list[str]) -> list[s
     return cmd + overrides
 
 
+def _wait(proc: subprocess.Popen, note: str) -> bool:
+    """Wait for the point's torchrun; whether Ctrl-C (SIGINT) came meanwhile. The first one only notes it
+    (torchrun got it too: its workers checkpoint and stop, and the wait goes on), a second kills the
+    point. A handler rather than KeyboardInterrupt: a signal taken by another thread of this process
+    would not interrupt the wait, and the KeyboardInterrupt would surface after it, anywhere."""
+    seen: list[int] = []
+
+    def on_sigint(signum, frame):
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(signum)
+        print(note, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.kill()
+        proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return bool(seen)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="imnet.sweep", description="Run every point of a sweep on this machine.")
     p.add_argument("sweep", help="sweep YAML: name, base, grid: {key.sub: [values]}")
@@ -184,17 +209,12 @@ def main(argv=None) -> int:
         print(f"[{i}/{total}] {name}: {state}", flush=True)
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd)
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached torchrun too: its workers checkpoint and stop
-            print(f"[{i}/{total}] {name}: interrupted; waiting for its checkpoint (Ctrl-C again: kill it)", flush=True)
-            try:
-                proc.wait()
-            except KeyboardInterrupt:
-                proc.kill()
-                proc.wait()
+        interrupted = _wait(proc, f"[{i}/{total}] {name}: interrupted; waiting for its checkpoint (Ctrl-C again: "
+                                  "kill it)")
+        if interrupted:
             print(f"[{i}/{total}] {name}: run the same command again to go on", flush=True)
             return 130
+        rc = proc.returncode
         took = time.monotonic() - t0
         if rc == 0 and is_done(folder):
             print(f"[{i}/{total}] {name}: done in {took:.0f} s", flush=True)
