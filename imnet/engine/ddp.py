@@ -22,7 +22,7 @@ class DDPEngine:
         fmt = torch.channels_last if cl else torch.contiguous_format
         self.module = model.to(d.device, memory_format=fmt)  # the bare model: eval, save, load
         self.optimizer = make_optimizer(cfg, self.module)
-        self._state_ready = False   # _init_state before the first update
+        self._init_state()
         self.scaler = torch.amp.GradScaler(d.device.type, init_scale=cfg.precision.init_scale,
                                            enabled=cfg.precision.amp == "fp16")
         net = self.module
@@ -55,8 +55,6 @@ class DDPEngine:
         """The optimizer step, skipped where `skip` (a device flag, 1.0 or 0.0) is set, with no host read:
         the fused optimizer takes it as its `found_inf`. Under fp16 GradScaler decides from the poisoned
         gradients (micro_batch_step), so a skipped step also halves the loss scale, as any overflow does."""
-        if not self._state_ready:
-            self._init_state()
         opt, clip = self.optimizer, self.cfg.optim.grad_clip
         if self.scaler.is_enabled():
             if clip > 0:
@@ -84,7 +82,6 @@ class DDPEngine:
                     st = self.optimizer.state[p]
                     if st.get("momentum_buffer") is None:
                         st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        self._state_ready = True
 
     def _forward(self, x, y):
         with autocast(self.device, self.cfg.precision.amp):
@@ -106,7 +103,7 @@ class DDPEngine:
     def load_state_dict(self, sd: dict) -> None:
         self.module.load_state_dict(sd["model"])  # strict: a mismatch is an error, never a print
         self.optimizer.load_state_dict(sd["optimizer"])
-        self._state_ready = False
+        self._init_state()
         if sd.get("scaler"):
             self.scaler.load_state_dict(sd["scaler"])
 
