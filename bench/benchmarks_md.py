@@ -1,7 +1,9 @@
 """Shared by the bench scripts: insert result rows into BENCHMARKS.md below a section's marker line,
-the rows' common first columns on a GPU, and alternating host-time rounds."""
+the rows' common first columns on a GPU or a CPU, and alternating host-time rounds."""
 
+import datetime
 import os
+import platform
 import time
 
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
@@ -21,8 +23,6 @@ def gpu_head(with_tuning: bool = True, tune: str | None = None) -> str:
     """"date | GPU | torch .., triton ..": a GPU row's first three cells, with the GroupNorm launch
     plan's IMNET_GN_TUNE (`tune`, or the one in use) appended to the versions when it is not the
     defaults (and with_tuning)."""
-    import datetime
-
     import torch
     import triton
 
@@ -32,6 +32,24 @@ def gpu_head(with_tuning: bool = True, tune: str | None = None) -> str:
     tune = f", IMNET_GN_TUNE={tune}" if with_tuning and tune else ""
     return (f"{datetime.date.today()} | {torch.cuda.get_device_name()} | torch {torch.__version__}, "
             f"triton {triton.__version__}{tune}")
+
+
+def cpu_head() -> str:
+    """"date, CPU n cores (machine), torch ..": the start of a CPU row's setup cell."""
+    import torch
+
+    return f"{datetime.date.today()}, {_cpu()}, torch {torch.__version__}"
+
+
+def cpu_cells() -> str:
+    """"date | CPU n cores (machine), t threads | torch ..": a CPU row's first three cells (gpu_head's)."""
+    import torch
+
+    return f"{datetime.date.today()} | {_cpu()}, {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def _cpu() -> str:
+    return f"CPU {os.cpu_count()} cores ({platform.machine()})"
 
 
 def alternating_rounds(fns: dict, rounds: int, iters: int, warmup: int = 20) -> dict[str, list[float]]:

@@ -16,9 +16,7 @@ Each measurement is the median over `--repeats` alternating runs, after one warm
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,7 +24,7 @@ import time
 
 import numpy as np
 import torch
-from benchmarks_md import append_rows
+from benchmarks_md import append_rows, cpu_head
 
 
 def write_jpegs(root: str, n: int, classes: int = 4) -> None:
@@ -140,7 +138,7 @@ def main() -> int:
                 print(f"jpeg 224 px, repeat {i}: torch+PIL {t[-1]:.0f} img/s, DALI CPU {dl[-1]:.0f} img/s", flush=True)
             rows.append(("JPEG folder, 224 px train transform", f"torch DataLoader + PIL, {a.workers} workers",
                          statistics.median(t), f"DALI CPU, {a.workers} threads", statistics.median(dl)))
-    head = (f"{datetime.date.today()}, CPU {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}"
+    head = (cpu_head()
             + (f", DALI {__import__('nvidia.dali').dali.__version__}" if has_dali else "")
             + f", batch {a.batch}, median of {a.repeats}")
     lines = [f"| {head} | {w} | {b} | {rb:.0f} | {c} | {rc:.0f} | {rc / rb:.2f}x |" for w, b, rb, c, rc in rows]

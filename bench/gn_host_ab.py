@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import datetime
 import io
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -28,7 +26,7 @@ import tarfile
 import tempfile
 
 import torch
-from benchmarks_md import alternating_rounds, append_rows
+from benchmarks_md import alternating_rounds, append_rows, cpu_head
 
 MARKER = "<!-- gn_host_ab rows -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,8 +93,8 @@ def main() -> int:
     us = {k: statistics.median(v) for k, v in times.items()}
     ratios = [n / o for n, o in zip(times["new"], times["old"])]
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-    row = (f"| {datetime.date.today()}, CPU {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}, "
-           f"triton {triton.__version__}, {a.rounds} rounds x {a.iters} | {a.rev} | {head.strip()} (+ working tree) "
+    row = (f"| {cpu_head()}, triton {triton.__version__}, {a.rounds} rounds x {a.iters} | {a.rev} "
+           f"| {head.strip()} (+ working tree) "
            f"| {us['old']:.0f} | {us['new']:.0f} | {us['bn']:.0f} | {statistics.median(ratios):.3f} "
            f"({min(ratios):.3f}-{max(ratios):.3f}) |")
     print("| setup | old | new | old us/layer | new us/layer | bn us/layer | new/old per round: median (range) |")

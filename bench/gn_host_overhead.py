@@ -28,14 +28,12 @@ row to BENCHMARKS.md below `<!-- gn_host_overhead rows -->`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 
 import torch
-from benchmarks_md import alternating_rounds, append_rows
+from benchmarks_md import alternating_rounds, append_rows, cpu_head
 from torch import nn
 
 MARKER = "<!-- gn_host_overhead rows -->"
@@ -77,8 +75,7 @@ def main() -> int:
 
     tune = f", IMNET_GN_TUNE={tuning()} ({'local kernels' if plan(1, 64, 4, 32, 1).local else 'split plan'})" \
         if str(tuning()) else ""
-    row = (f"| {datetime.date.today()}, CPU {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}, "
-           f"triton {triton.__version__}{tune}, median of {a.repeats} x {a.iters} | {us['bn']:.0f} "
+    row = (f"| {cpu_head()}, triton {triton.__version__}{tune}, median of {a.repeats} x {a.iters} | {us['bn']:.0f} "
            f"| {us['native']:.0f} | {us['imnet']:.0f} | {us['imnet'] / us['native']:.2f}x "
            f"| {us['imnet'] / us['bn']:.2f}x | {53 * (us['imnet'] - us['bn']) / 1e3:.1f} |")
     print("| setup | bn us/layer | native us/layer | imnet us/layer | imnet/native | imnet/bn "

@@ -20,15 +20,12 @@ can overlap, so the ratio says what the device-side bookkeeping costs the host (
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
-from benchmarks_md import append_rows, gpu_head
+from benchmarks_md import append_rows, cpu_cells, gpu_head
 
 MARKER = "<!-- microbatch_step rows -->"
 
@@ -115,8 +112,7 @@ def main() -> int:
     if args.device == "cuda":
         head = gpu_head(with_tuning=False)
     else:
-        head = (f"{datetime.date.today()} | {platform.machine()} CPU, {os.cpu_count()} cores, "
-                f"{torch.get_num_threads()} threads | torch {torch.__version__}")
+        head = cpu_cells()
     md = [f"| {head} | {args.arch} | {r['images']} | {r['sync']:.1f} | {r['device']:.1f} | "
           f"{r['device'] / r['sync']:.3f}x | " + (f"{r['graph']:.1f} | {r['graph'] / r['device']:.2f}x |"
                                                   if "graph" in r else "not on the CPU | |") for r in rows]

@@ -91,7 +91,7 @@ def main() -> int:
     else:
         head = "smoke (CPU)"
     print("| date | GPU | versions | images/GPU | norm | step | imnet.train img/s | loop img/s | train/loop |")
-    eager, failed = {}, 0
+    measured, failed = {}, 0  # (norm, batch) -> {graph: img/s}
     with tempfile.TemporaryDirectory() as out_dir:
         for graph in (g == "graph" for g in args.graph):
             for norm in args.norms:
@@ -103,12 +103,12 @@ def main() -> int:
                         failed += 1
                         print(f"| {head} | {b} | {norm} | {'graph' if graph else 'eager'} | failed ({e}) | | |")
                         continue
-                    eager.setdefault((norm, b), {})[graph] = t
+                    measured.setdefault((norm, b), {})[graph] = t
                     ref = loop.get(b)
                     vs = f"{ref:.0f} | {t / ref:.3f}x" if ref else "- | -"
                     extra = ""
-                    if graph and False in eager[(norm, b)]:
-                        extra = f" (graph/eager {t / eager[(norm, b)][False]:.2f}x)"
+                    if graph and False in measured[(norm, b)]:
+                        extra = f" (graph/eager {t / measured[(norm, b)][False]:.2f}x)"
                     row = (f"| {head} | {b} | {norm} | {'graph' if graph else 'eager'} | {t:.0f}{extra} | {vs} |")
                     print(row, flush=True)
                     if args.write:

@@ -15,16 +15,14 @@ medians is reported. `--write` appends the result to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 import torch
-from benchmarks_md import append_rows
+from benchmarks_md import append_rows, cpu_cells
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "digits_gn.yaml")
@@ -90,8 +88,7 @@ def main() -> None:
             print(f"repeat {i}: minimal {1 / ref[-1]:.2f} steps/s, imnet {1 / mine[-1]:.2f} steps/s", flush=True)
     m, r = statistics.median(mine), statistics.median(ref)
     ratio = m / r
-    line = (f"| {datetime.date.today()} | CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-            f"{torch.get_num_threads()} threads | torch {torch.__version__} | {a.steps} steps x {a.repeats} | "
+    line = (f"| {cpu_cells()} | {a.steps} steps x {a.repeats} | "
             f"{1 / r:.2f} | {1 / m:.2f} | {ratio:.3f} |")
     print(f"imnet / minimal time per step (median of {a.repeats}): {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%)")
     print(line)
