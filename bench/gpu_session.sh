@@ -49,7 +49,7 @@ if [ -d .whl ] && ! $PY -c "import pydantic" 2>/dev/null; then  # imnet.config's
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-check_rc=3
+check_rc=""   # the first correctness check's exit status, or the first failing one's after it
 
 step() {  # step NAME CAP_S COMMAND...
     local name=$1 cap=$2 left
@@ -75,20 +75,26 @@ step() {  # step NAME CAP_S COMMAND...
     return $rc
 }
 
+check() {  # check NAME CAP_S COMMAND...: a correctness step, folded into check_rc (a skipped one, 99, only if first)
+    step "$@"
+    local rc=$?
+    if [ -z "$check_rc" ]; then
+        check_rc=$rc
+    elif [ "$check_rc" -eq 0 ] && [ "$rc" -ne 99 ]; then
+        check_rc=$rc
+    fi
+    return 0
+}
+
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv;
 $PY -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")"'
-step step_gpu_check 60 $PY bench/step_gpu_check.py
-check_rc=$?
+check step_gpu_check 60 $PY bench/step_gpu_check.py
 step train_throughput 380 $PY bench/train_throughput.py --write
 step microbatch_step 80 $PY bench/microbatch_step.py --device cuda --arch resnet50 --steps 30 --rounds 3 --write
 step precompile 100 $PY -m imnet.kernels.precompile --batches 2 32 --jobs "$(nproc)"
 step precompile_256 60 $PY -m imnet.kernels.precompile --batches 256 --dtypes bf16 --jobs "$(nproc)"
-step gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32
-rc=$?
-[ "$check_rc" -eq 0 ] && [ "$rc" -ne 99 ] && check_rc=$rc
-step loader_gpu_check 60 $PY bench/loader_gpu_check.py
-rc=$?
-[ "$check_rc" -eq 0 ] && [ "$rc" -ne 99 ] && check_rc=$rc
+check gn_gpu_check 120 $PY bench/gn_gpu_check.py --batches 2 32
+check loader_gpu_check 60 $PY bench/loader_gpu_check.py
 step rn50_throughput 170 $PY bench/rn50_throughput.py --batches 256 32 --write
 LOCALS=(local=16 local=16,tile=16384)   # the local plans timed below (imnet/kernels/gn/kernels.py's docstring)
 LOCAL=(env IMNET_GN_TUNE="${LOCALS[0]}")
@@ -96,9 +102,7 @@ LOCAL=(env IMNET_GN_TUNE="${LOCALS[0]}")
 export LOCAL_PLANS="${LOCALS[*]}"
 EACH_LOCAL='rc=0; for t in $LOCAL_PLANS; do IMNET_GN_TUNE=$t "$@" || { r=$?; [ $rc -eq 0 ] && rc=$r; }; done; exit $rc'
 step precompile_local 90 bash -c "$EACH_LOCAL" _ $PY -m imnet.kernels.precompile --batches 32 256 --dtypes bf16 --jobs "$(nproc)"
-step gn_gpu_check_local 150 bash -c "$EACH_LOCAL" _ $PY bench/gn_gpu_check.py --batches 256 --dtypes bf16
-rc=$?
-[ "$check_rc" -eq 0 ] && [ "$rc" -ne 99 ] && check_rc=$rc
+check gn_gpu_check_local 150 bash -c "$EACH_LOCAL" _ $PY bench/gn_gpu_check.py --batches 256 --dtypes bf16
 step norm_kernels_graph 180 $PY bench/norm_kernels.py --cuda-graph --batches 256 32 2 --methods bn gn imnet --tune "${LOCALS[@]}" --write
 step rn50_local 120 "${LOCAL[@]}" $PY bench/rn50_throughput.py --batches 256 32 --write
 step rn50_cuda_graph 90 $PY bench/rn50_throughput.py --batches 32 --cuda-graph --write
@@ -106,5 +110,5 @@ step norm_kernels_graph_residual 90 $PY bench/norm_kernels.py --cuda-graph --bat
 step gn_tune 150 $PY bench/gn_tune.py --batches 32 256 --budget 100 --jobs "$(nproc)" --write
 step norm_kernels_compile 300 $PY bench/norm_kernels.py --batches 32 --write
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
-echo "== done after $(($(date +%s) - start)) s; correctness check exit $check_rc"
-exit $check_rc
+echo "== done after $(($(date +%s) - start)) s; correctness check exit ${check_rc:-3}"
+exit "${check_rc:-3}"

@@ -109,10 +109,7 @@ def main() -> int:
         print("microbatch_step.py --device cuda needs a CUDA GPU", file=sys.stderr)
         return 2
     rows = measure(args)
-    if args.device == "cuda":
-        head = gpu_head(with_tuning=False)
-    else:
-        head = cpu_cells()
+    head = gpu_head(with_tuning=False) if args.device == "cuda" else cpu_cells()
     md = [f"| {head} | {args.arch} | {r['images']} | {r['sync']:.1f} | {r['device']:.1f} | "
           f"{r['device'] / r['sync']:.3f}x | " + (f"{r['graph']:.1f} | {r['graph'] / r['device']:.2f}x |"
                                                   if "graph" in r else "not on the CPU | |") for r in rows]

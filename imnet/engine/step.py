@@ -146,7 +146,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay:
 
 def make_optimizer(cfg, model: torch.nn.Module, fused: bool = True) -> torch.optim.Optimizer:
     """SGD (momentum, nesterov) or AdamW over param_groups. fused: torch's fused kernels, the ones that
-    take a device-side `found_inf` to skip an update without the host reading it (DDPEngine.step);
+    take a device-side `found_inf` to skip an update without the host reading it (DDPEngine.update);
     DeepSpeed steps its own way and gets foreach (fused=False)."""
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, o.norm_weight_decay)
