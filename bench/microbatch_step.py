@@ -13,7 +13,8 @@ imnet.train does per step: the engine's step, then (sync) read the step's figure
 graph) Meter.add and the one-step-late stop flag, with a Meter read every --log-every steps.
 The variants alternate, round by round; the median steps/s of each over --rounds rounds of --steps
 steps is reported with its ratio to the synchronous step. On the CPU the host is the device: nothing
-can overlap, so the ratio says what the device-side bookkeeping costs the host (1.0: nothing).
+can overlap, so the ratio says what the device-side bookkeeping costs the host (1.0: nothing). Then
+it prints the host time of that bookkeeping alone (Meter.add, reduce_step: see parts()).
 `--write` puts the rows in BENCHMARKS.md below `<!-- microbatch_step rows -->`.
 """
 
@@ -25,7 +26,7 @@ import sys
 import time
 
 import torch
-from benchmarks_md import append_rows, cpu_cells, gpu_head
+from benchmarks_md import alternating_rounds, append_rows, cpu_cells, gpu_head
 
 MARKER = "<!-- microbatch_step rows -->"
 
@@ -95,6 +96,22 @@ def measure(args) -> list[dict]:
     return rows
 
 
+def parts(device: str, rounds: int) -> dict[str, float]:
+    """Host microseconds per call of the default step's own bookkeeping, alone: Meter.add (with the stop
+    flag's copy) and reduce_step (the decisions' all-reduce, as measure()'s engines set up), median over
+    `rounds` rounds of 1000 calls. On a GPU this is the launch cost, not the device time."""
+    from imnet import engine
+
+    dev = torch.device(device)
+    meter = engine.Meter(dev, 10**9)
+    out = engine.StepOut(torch.tensor([0.0, 0.0, 1.5, 1.0, 2.0], device=dev))
+    loss_sum, correct = torch.tensor(1.5, device=dev), torch.tensor(1.0, device=dev)
+    times = alternating_rounds({"Meter.add": lambda: meter.add(out),
+                                "reduce_step": lambda: engine.reduce_step(loss_sum, correct, 2, False)},
+                               rounds=rounds, iters=1000)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -109,6 +126,8 @@ def main() -> int:
         print("microbatch_step.py --device cuda needs a CUDA GPU", file=sys.stderr)
         return 2
     rows = measure(args)
+    print("host time alone: " + ", ".join(f"{k} {us:.0f} us" for k, us in parts(args.device, args.rounds).items()),
+          flush=True)
     head = gpu_head(with_tuning=False) if args.device == "cuda" else cpu_cells()
     md = [f"| {head} | {args.arch} | {r['images']} | {r['sync']:.1f} | {r['device']:.1f} | "
           f"{r['device'] / r['sync']:.3f}x | " + (f"{r['graph']:.1f} | {r['graph'] / r['device']:.2f}x |"
